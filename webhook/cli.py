@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import os
+import ssl
 import sys
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 
+from webhook import certs
 from webhook.dialects import DIALECTS, decode, encode
 from webhook.errors import WebhookError
+from webhook.mutate import PULL_POLICIES, Settings
 
 ENV_PREFIX = "NIX_FLAKE_WEBHOOK_"
 
@@ -80,6 +85,93 @@ def cmd_decode(args: argparse.Namespace) -> int:
     return _convert(args.images, lambda image: decode(image, args.dialect))
 
 
+def settings_from(args: argparse.Namespace) -> Settings:
+    policy = None if args.image_pull_policy == "keep" else args.image_pull_policy
+    return Settings(dialect=args.dialect, allow_sources=tuple(args.allow_source), image_pull_policy=policy)
+
+
+def add_policy_options(parser: argparse.ArgumentParser) -> None:
+    add_dialect_option(parser)
+    parser.add_argument(
+        "--allow-source",
+        action="append",
+        default=env_list("allow-source"),
+        metavar="GLOB",
+        help=env_help(
+            "allow-source",
+            "only admit flakes matching this glob, e.g. 'github:myorg/*' (repeatable; the environment variable "
+            "takes a comma-separated list; none set: every source is allowed)",
+        ),
+    )
+    parser.add_argument(
+        "--image-pull-policy",
+        choices=("keep", *PULL_POLICIES),
+        default=env_default("image-pull-policy", "keep"),
+        help=env_help(
+            "image-pull-policy",
+            "imagePullPolicy for rewritten containers; 'keep' leaves what the API server defaulted "
+            "(IfNotPresent for an empty or flake image: a node builds a flake once and reuses the image)",
+        ),
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from webhook.server import ServeOptions, serve
+
+    cert, key = Path(args.cert), Path(args.key)
+    if not cert.exists() and not key.exists():
+        if (cert.name, key.name) != (certs.TLS_CERT, certs.TLS_KEY) or cert.parent != key.parent:
+            print(f"error: {cert} and {key} do not exist; create them with 'nix-flake-webhook certs'", file=sys.stderr)
+            return 2
+        result = certs.ensure(cert.parent, certs.CertSpec())
+        for action in result.actions:
+            print(
+                f"certs: {action} (development certificates; use 'register' or cert-manager in a cluster)",
+                file=sys.stderr,
+            )
+    elif not cert.exists() or not key.exists():
+        missing = cert if not cert.exists() else key
+        print(
+            f"error: {missing} does not exist, but its pair does; restore it or remove both to regenerate",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        serve(ServeOptions(args.bind, cert, key, workers=args.workers), settings_from(args))
+    except (OSError, ssl.SSLError) as err:
+        print(f"error: cannot serve with {cert} and {key}: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    renew = dt.timedelta(days=args.renew_before)
+    if args.action == "check":
+        try:
+            report = certs.check(out, renew)
+        except (OSError, ValueError) as err:
+            print(f"error: cannot read the certificate pair in {out}: {err}", file=sys.stderr)
+            return 1
+        print(f"subject:   {report.subject}")
+        print(f"issuer:    {report.issuer}")
+        print(f"DNS names: {', '.join(report.dns_names)}")
+        print(f"IPs:       {', '.join(report.ip_addresses)}")
+        print(f"expires:   in {report.days_left} days")
+        for problem in report.problems:
+            print(f"problem:   {problem}", file=sys.stderr)
+        return 1 if report.problems else 0
+    spec = certs.spec_from(args.service, args.namespace, args.san, args.key_type, args.renew_before)
+    try:
+        result = certs.ensure(out, spec)
+    except (OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    for action in result.actions or (result.reason,):
+        print(action)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nix-flake-webhook",
@@ -111,13 +203,83 @@ def build_parser() -> argparse.ArgumentParser:
     dec.add_argument("images", nargs="*", metavar="IMAGE", help="image such as flake-github:0/user/redis")
     dec.set_defaults(func=cmd_decode)
 
-    for register in _EXTRA_COMMANDS:
-        register(sub)
+    srv = sub.add_parser(
+        "serve",
+        help="serve the admission webhook over TLS",
+        description="Serve POST /mutate, /healthz, /readyz and /metrics over TLS with gunicorn (gevent workers). "
+        "When the default certs/tls.crt and certs/tls.key are both missing, development certificates are "
+        "generated there first. A renewed certificate on disk is picked up without a restart.",
+    )
+    srv.add_argument(
+        "--bind",
+        default=env_default("bind", "0.0.0.0:8443"),
+        metavar="HOST:PORT",
+        help=env_help("bind", "address to listen on"),
+    )
+    srv.add_argument(
+        "--cert",
+        default=env_default("cert", "certs/tls.crt"),
+        metavar="FILE",
+        help=env_help("cert", "TLS certificate (PEM)"),
+    )
+    srv.add_argument(
+        "--key",
+        default=env_default("key", "certs/tls.key"),
+        metavar="FILE",
+        help=env_help("key", "TLS private key (PEM)"),
+    )
+    srv.add_argument(
+        "--workers",
+        type=int,
+        default=int(env_default("workers", "2")),
+        help=env_help("workers", "gunicorn worker processes (one per core)"),
+    )
+    add_policy_options(srv)
+    srv.set_defaults(func=cmd_serve)
+
+    crt = sub.add_parser(
+        "certs",
+        help="create or renew the CA and serving certificate; 'certs check' inspects them",
+        description="Without an action: create a CA (reused when present) and a serving certificate signed by it, "
+        "renewing the latter only when it is missing, does not cover the requested names, or expires within "
+        "--renew-before days. 'check': print subject, SANs, issuer and days to expiry; exit 1 when the pair "
+        "does not match, the chain does not verify, or expiry is near.",
+    )
+    crt.add_argument("action", nargs="?", choices=("check",), help="check the existing pair instead of creating one")
+    crt.add_argument(
+        "--out",
+        default=env_default("certs-dir", "certs"),
+        metavar="DIR",
+        help=env_help("certs-dir", "directory for ca.crt, ca.key, tls.crt, tls.key"),
+    )
+    crt.add_argument(
+        "--service",
+        default=env_default("service", certs.DEFAULT_SERVICE),
+        help=env_help("service", "Service name the API server calls"),
+    )
+    crt.add_argument(
+        "--namespace",
+        default=env_default("namespace", certs.DEFAULT_NAMESPACE),
+        help=env_help("namespace", "namespace of that Service"),
+    )
+    crt.add_argument(
+        "--san", action="append", default=[], metavar="NAME", help="extra DNS name or IP address (repeatable)"
+    )
+    crt.add_argument(
+        "--key-type",
+        choices=("ecdsa", "rsa"),
+        default="ecdsa",
+        help="key algorithm: ECDSA P-256 (fast handshakes) or RSA 2048 [default: %(default)s]",
+    )
+    crt.add_argument(
+        "--renew-before",
+        type=int,
+        default=30,
+        metavar="DAYS",
+        help="renew (or warn, with check) this many days before expiry [default: %(default)s]",
+    )
+    crt.set_defaults(func=cmd_certs)
     return parser
-
-
-# Subcommands that live with their own concern register themselves here.
-_EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = []
 
 
 def main(argv: Sequence[str] | None = None) -> int:

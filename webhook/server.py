@@ -1,0 +1,177 @@
+"""gunicorn over TLS: worker settings, one cached SSL context per worker, certificate reload.
+
+Why these settings (figures in shared/reference/serving-baseline.md and bench/):
+
+* gevent workers, one per core: each connection is a greenlet, so clients
+  that stall or idle hold no worker; gthread pins a thread per connection.
+* One SSL context per worker, rebuilt only when the files change: gunicorn
+  otherwise parses the key on every connection, halving handshake rates,
+  and the rebuild is where a renewed certificate is picked up.
+* keep-alive 100 s: longer than the API server's 90 s idle-connection
+  timeout, so its pooled connections are reused instead of re-handshaking.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import ssl
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gunicorn.app.base import BaseApplication
+
+from webhook.mutate import Settings
+
+log = logging.getLogger("nix_flake_webhook.server")
+
+KEEPALIVE_SECONDS = 100
+HANDSHAKE_TIMEOUT_SECONDS = 10.0
+# A stalled request body may hold its greenlet this long at most; above keep-alive so idle reuse still works.
+SOCKET_TIMEOUT_SECONDS = KEEPALIVE_SECONDS + 20.0
+
+
+class CertificateReloader:
+    """Builds the SSL context once and again only when the certificate files change.
+
+    Passed to gunicorn as its ``ssl_context``: gevent's server calls
+    ``wrap_socket`` on every accepted connection.  A new pair is loaded into a
+    fresh context and swapped in only when it is complete and matching, so a
+    half-written rotation never reaches a client.
+    """
+
+    def __init__(self, certfile: Path, keyfile: Path, check_interval: float = 1.0) -> None:
+        self.certfile = certfile
+        self.keyfile = keyfile
+        self.check_interval = check_interval
+        self._context: ssl.SSLContext | None = None
+        self._stamp: tuple[int, ...] | None = None
+        self._checked = 0.0
+        self._lock = threading.Lock()
+
+    def _file_stamp(self) -> tuple[int, ...]:
+        stamps: list[int] = []
+        for path in (self.certfile, self.keyfile):
+            st = os.stat(path)
+            stamps += [st.st_mtime_ns, st.st_size, st.st_ino]
+        return tuple(stamps)
+
+    def build(self) -> ssl.SSLContext:
+        """A server context for the current files; raises ssl.SSLError/OSError when they don't fit."""
+        # Looked up at call time: under gevent this is the cooperative SSLContext.
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(str(self.certfile), str(self.keyfile))
+        context.set_alpn_protocols(["http/1.1"])
+        return context
+
+    def context(self) -> ssl.SSLContext | None:
+        """The current context, reloaded first if the files changed (checked at most once per interval)."""
+        now = time.monotonic()
+        if self._context is not None and now - self._checked < self.check_interval:
+            return self._context
+        with self._lock:
+            self._checked = now
+            try:
+                stamp = self._file_stamp()
+                if stamp != self._stamp or self._context is None:
+                    self._context = self.build()
+                    if self._stamp is not None:
+                        log.info("reloaded TLS certificate from %s", self.certfile)
+                    self._stamp = stamp
+            except (OSError, ssl.SSLError, ValueError) as err:
+                # Mid-rotation (new certificate, old key) or a broken file: keep serving the last good pair.
+                log.warning("not reloading TLS certificate %s: %s", self.certfile, err)
+        return self._context
+
+    @property
+    def loaded(self) -> bool:
+        return self.context() is not None
+
+    def wrap_socket(self, sock: socket.socket, **kwargs: Any) -> ssl.SSLSocket:
+        context = self.context()
+        if context is None:
+            raise ssl.SSLError(f"no usable TLS certificate in {self.certfile}")
+        sock.settimeout(HANDSHAKE_TIMEOUT_SECONDS)
+        wrapped = context.wrap_socket(sock, **kwargs)
+        wrapped.settimeout(SOCKET_TIMEOUT_SECONDS)
+        return wrapped
+
+
+@dataclass(frozen=True, slots=True)
+class ServeOptions:
+    """How to serve: address, TLS files, workers."""
+
+    bind: str
+    certfile: Path
+    keyfile: Path
+    workers: int = 2
+    graceful_timeout: int = 25
+
+
+class WebhookServer(BaseApplication):  # type: ignore[misc]
+    """gunicorn application that serves :func:`webhook.app.create_app`."""
+
+    def __init__(self, options: ServeOptions, settings: Settings) -> None:
+        self.options = options
+        self.settings = settings
+        self.reloader = CertificateReloader(options.certfile, options.keyfile)
+        super().__init__()
+
+    def load_config(self) -> None:
+        opts = self.options
+        reloader = self.reloader
+
+        def ssl_context(_config: Any, _default: Callable[[], ssl.SSLContext]) -> CertificateReloader:
+            return reloader
+
+        def child_exit(_server: Any, worker: Any) -> None:
+            from webhook import metrics
+
+            metrics.mark_process_dead(worker.pid)
+
+        config = {
+            "bind": [opts.bind],
+            "workers": opts.workers,
+            "worker_class": "gevent",
+            "worker_connections": 1000,
+            "keepalive": KEEPALIVE_SECONDS,
+            "timeout": 30,
+            "graceful_timeout": opts.graceful_timeout,
+            "certfile": str(opts.certfile),
+            "keyfile": str(opts.keyfile),
+            "ssl_context": ssl_context,
+            "child_exit": child_exit,
+            "preload_app": True,
+            "control_socket_disable": True,
+            "accesslog": None,
+            "errorlog": "-",
+            "loglevel": "info",
+            "proc_name": "nix-flake-webhook",
+        }
+        for key, value in config.items():
+            self.cfg.set(key, value)
+
+    def load(self) -> Any:
+        from webhook.app import create_app
+
+        return create_app(self.settings, ready=lambda: self.reloader.loaded)
+
+
+def prepare_metrics_dir() -> None:
+    """Give prometheus_client a fresh multiprocess directory unless one is configured."""
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="nix-flake-webhook-metrics-")
+
+
+def serve(options: ServeOptions, settings: Settings) -> None:
+    """Run gunicorn until it is told to stop (SIGTERM drains in-flight requests)."""
+    CertificateReloader(options.certfile, options.keyfile).build()  # fail fast, with the file names
+    prepare_metrics_dir()
+    WebhookServer(options, settings).run()
