@@ -94,7 +94,9 @@ def _escape_pointer(key: str) -> str:
 def _concerns_us(pod: Mapping[str, Any]) -> bool:
     """Cheap pre-check so that pods with nothing to do cost next to nothing."""
     metadata = pod.get("metadata")
-    annotations = metadata.get("annotations") if isinstance(metadata, Mapping) else None
+    if not isinstance(metadata, Mapping):
+        return metadata is not None
+    annotations = metadata.get("annotations")
     if annotations and (
         not isinstance(annotations, Mapping) or any(k.startswith("nix-snapshotter/flake") for k in annotations)
     ):

@@ -1,0 +1,126 @@
+"""Fixtures that run the real thing: `nix-flake-webhook serve` (gunicorn, TLS) with certificates from webhook.certs."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.apiserver import ApiServerWebhookClient
+from webhook import certs
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class RunningServer:
+    """A `nix-flake-webhook serve` process and what a client needs to reach it."""
+
+    proc: subprocess.Popen[bytes]
+    port: int
+    certs_dir: Path
+    log_path: Path
+
+    @property
+    def ca_bundle(self) -> bytes:
+        return (self.certs_dir / certs.CA_CERT).read_bytes()
+
+    def client(self) -> ApiServerWebhookClient:
+        return ApiServerWebhookClient(self.port, self.ca_bundle)
+
+    def tls_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(cadata=self.ca_bundle.decode())
+        return context
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def start_server(workdir: Path, *args: str, spec: certs.CertSpec | None = None) -> RunningServer:
+    """Generate certificates with our own code, start the server, wait until /readyz answers over TLS."""
+    certs_dir = workdir / "certs"
+    certs.ensure(certs_dir, spec or certs.CertSpec())
+    port = free_port()
+    log_path = workdir / "server.log"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    command = [
+        sys.executable, "-m", "webhook.cli", "serve",
+        "--bind", f"127.0.0.1:{port}",
+        "--cert", str(certs_dir / certs.TLS_CERT),
+        "--key", str(certs_dir / certs.TLS_KEY),
+        *args,
+    ]  # fmt: skip
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    server = RunningServer(proc, port, certs_dir, log_path)
+    deadline = time.monotonic() + 30
+    context = server.tls_context()
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log()}")
+        with (
+            contextlib.suppress(OSError),
+            socket.create_connection(("127.0.0.1", port), timeout=2) as raw,
+            context.wrap_socket(raw, server_hostname="localhost") as tls,
+        ):
+            tls.sendall(b"GET /readyz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            if tls.recv(64).startswith(b"HTTP/1.1 200"):
+                return server
+        time.sleep(0.1)
+    stop_server(server)
+    raise RuntimeError(f"server did not become ready:\n{server.log()}")
+
+
+def stop_server(server: RunningServer) -> None:
+    if server.proc.poll() is None:
+        server.proc.send_signal(signal.SIGTERM)
+        try:
+            server.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.proc.pid, signal.SIGKILL)
+            server.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """The webhook with its defaults (seed dialect, every source allowed)."""
+    running = start_server(tmp_path_factory.mktemp("server"))
+    yield running
+    stop_server(running)
+
+
+@pytest.fixture(scope="session")
+def strict_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """The webhook in the hex dialect with an allow-list and a pull policy, set from the environment."""
+    os.environ["NIX_FLAKE_WEBHOOK_ALLOW_SOURCE"] = "github:myorg/*,git+https://git.example.com/*"
+    try:
+        running = start_server(
+            tmp_path_factory.mktemp("strict"), "--dialect", "hex", "--image-pull-policy", "Always", "--workers", "1"
+        )
+    finally:
+        del os.environ["NIX_FLAKE_WEBHOOK_ALLOW_SOURCE"]
+    yield running
+    stop_server(running)
+
+
+@pytest.fixture
+def apiserver(server: RunningServer) -> Iterator[ApiServerWebhookClient]:
+    client = server.client()
+    yield client
+    client.close()

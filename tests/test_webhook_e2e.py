@@ -1,0 +1,224 @@
+"""End to end: the real `nix-flake-webhook serve` (gunicorn, gevent, TLS with our own certificates),
+called by tests.apiserver, an emulation of kube-apiserver's webhook client (see its docstring)."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import socket
+import ssl
+import time
+from typing import Any
+
+import pytest
+
+from tests.apiserver import ApiServerWebhookClient, WebhookCallFailed
+from tests.conftest import RunningServer
+from tests.node_decoders import NODES, kubelet_accepts
+from tests.pods import container, replicaset_pod
+from webhook.imageref import parse_image
+from webhook.mutate import RECOVERY_ANNOTATION
+
+STORE = "nix:0/nix/store/0123456789abcdfghijklmnpqrsvwxyz-redis-image.tar"
+
+
+def node_view(pod: dict[str, Any], dialect: str = "seed") -> dict[str, str]:
+    """What each node does: the kubelet parses the image and adds ':latest'; the node decodes flake images."""
+    built: dict[str, str] = {}
+    for list_name in ("initContainers", "containers"):
+        for item in pod["spec"].get(list_name) or []:
+            image = item["image"]
+            ref = parse_image(image)  # the kubelet's grammar: InvalidImageName otherwise
+            pulled = image if ref.tag or ref.digest else image + ":latest"
+            if image.startswith("flake-"):
+                assert kubelet_accepts(image)
+                built[item["name"]] = NODES[dialect](pulled)
+    return built
+
+
+def test_replicaset_pod_is_rewritten_and_runs_on_the_node(apiserver: ApiServerWebhookClient) -> None:
+    pod = replicaset_pod(
+        [container("redis", ""), container("metrics", "quay.io/prometheus/redis-exporter:v1.62.0")],
+        {
+            "nix-snapshotter/flake": "github:user/redis?ref=main",
+            "nix-snapshotter/flake.migrate": "git+ssh://git@github.com/user/redis?dir=migrate",
+        },
+        init_containers=[container("migrate", "")],
+    )
+    result = apiserver.admit_converged(pod)
+    assert result.allowed and result.patched
+    assert result.typed.spec.containers[0].image == "flake-github:0/user/redis--q--ref--eq--main"
+    assert result.typed.spec.containers[0].image_pull_policy == "IfNotPresent"
+    assert result.typed.metadata.generate_name == "redis-6d4cf56db6-"
+    assert node_view(result.pod) == {
+        "migrate": "git+ssh://git@github.com/user/redis?dir=migrate",
+        "redis": "github:user/redis?ref=main",
+    }
+    assert result.pod["spec"]["containers"][1]["image"] == "quay.io/prometheus/redis-exporter:v1.62.0"
+
+
+def test_deployment_style_flake_image(apiserver: ApiServerWebhookClient) -> None:
+    pod = replicaset_pod([container("app", "tarball+https://github.com/user/app/archive/v1.2.tar.gz")])
+    result = apiserver.admit_converged(pod)
+    assert node_view(result.pod) == {"app": "tarball+https://github.com/user/app/archive/v1.2.tar.gz"}
+
+
+def test_nix_store_image_keeps_path_and_records_recovery(apiserver: ApiServerWebhookClient) -> None:
+    pod = replicaset_pod([container("redis", STORE)], {"nix-snapshotter/flake.redis": "github:user/redis"})
+    result = apiserver.admit_converged(pod)
+    assert result.pod["spec"]["containers"][0]["image"] == STORE
+    recovery = json.loads(result.typed.metadata.annotations[RECOVERY_ANNOTATION])
+    assert recovery["redis"]["image"] == "flake-github:0/user/redis"
+    assert NODES["seed"](recovery["redis"]["image"]) == recovery["redis"]["flake"]
+
+
+def test_case_folding_comes_back_as_warning(apiserver: ApiServerWebhookClient) -> None:
+    pod = replicaset_pod([container("nix", "")], {"nix-snapshotter/flake": "github:NixOS/nixpkgs/nixos-24.05"})
+    result = apiserver.admit_converged(pod)
+    assert result.pod["spec"]["containers"][0]["image"] == "flake-github:0/nixos/nixpkgs/nixos-24.05"
+    assert len(result.warnings) == 1 and "'NixOS' lowercased" in result.warnings[0]
+
+
+@pytest.mark.parametrize(
+    ("annotations", "image", "phrase"),
+    [
+        ({"nix-snapshotter/flake": "github:user/redis#shell"}, "", "attribute path"),
+        ({"nix-snapshotter/flake": "gitlab:user/redis"}, "", "supported: github:"),
+        ({"nix-snapshotter/flake.redis": "github:user/redis"}, "redis:7", "registry image"),
+        ({}, "flake-github:0/user/Redis", "could not use the image"),
+    ],
+)
+def test_denials_reach_the_user(
+    apiserver: ApiServerWebhookClient, annotations: dict[str, str], image: str, phrase: str
+) -> None:
+    result = apiserver.admit(replicaset_pod([container("redis", image)], annotations))
+    assert not result.allowed
+    assert result.code == 400
+    assert phrase in result.message and "container 'redis'" in result.message
+
+
+def test_v1beta1_is_answered_in_v1beta1(apiserver: ApiServerWebhookClient) -> None:
+    pod = replicaset_pod([container("redis", "")], {"nix-snapshotter/flake": "github:user/redis"})
+    result = apiserver.admit(pod, version="admission.k8s.io/v1beta1")
+    assert result.patched and result.pod["spec"]["containers"][0]["image"] == "flake-github:0/user/redis"
+
+
+def test_dry_run_is_answered_identically(apiserver: ApiServerWebhookClient) -> None:
+    pod = replicaset_pod([container("redis", "")], {"nix-snapshotter/flake": "github:user/redis"})
+    assert apiserver.admit(pod, dry_run=True).pod == apiserver.admit(pod, dry_run=False).pod
+
+
+def test_nothing_to_do_means_no_patch(apiserver: ApiServerWebhookClient) -> None:
+    pod = replicaset_pod([container("web", "nginx:1.27")])
+    result = apiserver.admit(pod)
+    assert result.allowed and not result.patched and result.pod == pod
+
+
+def test_strict_server_settings(strict_server: RunningServer) -> None:
+    client = strict_server.client()
+    try:
+        pod = replicaset_pod([container("app", "")], {"nix-snapshotter/flake": "github:myorg/app#redisWithShell"})
+        result = client.admit_converged(pod)
+        assert node_view(result.pod, "hex") == {"app": "github:myorg/app#redisWithShell"}
+        assert result.typed.spec.containers[0].image_pull_policy == "Always"
+        denied = client.admit(replicaset_pod([container("app", "")], {"nix-snapshotter/flake": "github:other/app"}))
+        assert not denied.allowed and denied.code == 403 and "github:myorg/*" in denied.message
+    finally:
+        client.close()
+
+
+# --- the wire ----------------------------------------------------------------------------------------
+
+
+def test_not_json_is_400_with_json_error(apiserver: ApiServerWebhookClient) -> None:
+    status, body = apiserver.post(b"\x00\xffnot json")
+    assert status == 400 and "not JSON" in json.loads(body)["error"]
+
+
+def test_missing_uid_is_400(apiserver: ApiServerWebhookClient) -> None:
+    review = apiserver.review_for(replicaset_pod([container("a", "")]))
+    del review["request"]["uid"]
+    status, body = apiserver.post(json.dumps(review).encode())
+    assert status == 400 and "uid" in json.loads(body)["error"]
+
+
+def test_oversized_body_is_413(apiserver: ApiServerWebhookClient) -> None:
+    status, body = apiserver.post(b" " * (3 * 1024 * 1024 + 1))
+    assert status == 413 and json.loads(body)["code"] == 413
+    small_enough, _ = apiserver.post(b"{}" + b" " * (3 * 1024 * 1024 - 2))
+    assert small_enough == 400  # within the limit, read, then refused as not an AdmissionReview
+
+
+def test_wrong_content_type_still_answers(apiserver: ApiServerWebhookClient) -> None:
+    review = apiserver.review_for(replicaset_pod([container("a", "")], {"nix-snapshotter/flake": "github:u/a"}))
+    status, body = apiserver.post(json.dumps(review).encode(), content_type="text/plain")
+    assert status == 200 and json.loads(body)["response"]["uid"] == review["request"]["uid"]
+
+
+def test_get_on_mutate_is_a_json_405(server: RunningServer) -> None:
+    conn = http.client.HTTPSConnection("127.0.0.1", server.port, context=_localhost_context(server))
+    conn.request("GET", "/mutate")
+    response = conn.getresponse()
+    assert response.status == 405 and json.loads(response.read())["code"] == 405
+
+
+def _localhost_context(server: RunningServer) -> ssl.SSLContext:
+    context = server.tls_context()
+    context.check_hostname = False  # connecting by IP; the chain is still verified
+    return context
+
+
+def _handshake(server: RunningServer, sni: str, context: ssl.SSLContext | None = None) -> ssl.SSLSocket:
+    raw = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    return (context or server.tls_context()).wrap_socket(raw, server_hostname=sni)
+
+
+def test_tls_names_and_versions(server: RunningServer) -> None:
+    with _handshake(server, "nix-flake-webhook.nix-flake-webhook.svc") as tls:
+        assert tls.version() in ("TLSv1.2", "TLSv1.3")
+        assert tls.selected_alpn_protocol() in (None, "http/1.1")
+    with pytest.raises(ssl.SSLCertVerificationError):
+        _handshake(server, "evil.example.com")
+    tls12 = server.tls_context()
+    tls12.maximum_version = ssl.TLSVersion.TLSv1_2
+    with _handshake(server, "localhost", tls12) as tls:
+        assert tls.version() == "TLSv1.2"
+
+
+def test_metrics_count_across_workers(server: RunningServer) -> None:
+    def total() -> float:
+        conn = http.client.HTTPSConnection("127.0.0.1", server.port, context=_localhost_context(server))
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+        conn.close()
+        return sum(float(v) for v in re.findall(r"^nix_flake_webhook_admissions_total\{[^}]*\} (\S+)$", text, re.M))
+
+    before = total()
+    # Separate connections, so that both workers take some of them.
+    for _ in range(20):
+        client = server.client()
+        client.admit(replicaset_pod([container("a", "")], {"nix-snapshotter/flake": "github:user/a"}))
+        client.close()
+    assert total() - before == 20
+
+
+def test_review_log_line(server: RunningServer, apiserver: ApiServerWebhookClient) -> None:
+    pod = replicaset_pod([container("a", "")], {"nix-snapshotter/flake": "github:user/logged"})
+    review = apiserver.review_for(pod)
+    apiserver.post(json.dumps(review).encode())
+    uid = review["request"]["uid"]
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        lines = [json.loads(line) for line in server.log().splitlines() if uid in line]
+        if lines:
+            break
+        time.sleep(0.05)
+    assert lines[0]["outcome"] == "patched" and lines[0]["pod"] == "redis-6d4cf56db6-"
+    assert lines[0]["namespace"] == "default" and lines[0]["rewritten"] == 1 and lines[0]["latencyMs"] > 0
+
+
+def test_failed_call_is_reported_as_such(server: RunningServer) -> None:
+    client = ApiServerWebhookClient(server.port, server.ca_bundle, service="other")
+    with pytest.raises(WebhookCallFailed, match="failed calling webhook"):
+        client.admit(replicaset_pod([container("a", "")]))
