@@ -7,12 +7,13 @@ and counts.  The wire rules are those of shared/reference/admission-contract.md.
 from __future__ import annotations
 
 import base64
-import json
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
-from webhook.mutate import Decision, Refusal, Settings, mutate
+import orjson
+
+from webhook.mutate import NOTHING_TO_DO, Decision, Refusal, Settings, mutate
 
 MAX_BODY_BYTES = 3 * 1024 * 1024
 API_VERSIONS = ("admission.k8s.io/v1", "admission.k8s.io/v1beta1")
@@ -51,7 +52,7 @@ class ReviewResult:
 
 
 def _dumps(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+    return orjson.dumps(value)
 
 
 def bad_request(message: str, status: int = 400) -> ReviewResult:
@@ -98,8 +99,8 @@ def review(body: bytes, settings: Settings) -> ReviewResult:
     if len(body) > MAX_BODY_BYTES:
         return bad_request(f"request body is over {MAX_BODY_BYTES} bytes", 413)
     try:
-        document = json.loads(body)
-    except (ValueError, RecursionError) as err:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError as err:
         return bad_request(f"request body is not JSON: {str(err)[:200]}")
     if not isinstance(document, dict):
         return bad_request("request body is not an AdmissionReview object")
@@ -108,42 +109,34 @@ def review(body: bytes, settings: Settings) -> ReviewResult:
         return bad_request("AdmissionReview has no request.uid")
     uid: str = request["uid"]
     api_version = document.get("apiVersion")
-    version = api_version if api_version in API_VERSIONS else API_VERSIONS[0]
     obj = request.get("object")
+
+    if api_version not in API_VERSIONS or document.get("kind") != "AdmissionReview":
+        decision = Decision(refusal=_unsupported(api_version, document.get("kind")))
+        outcome = "denied"
+    elif not _is_pod_create(request):
+        decision, outcome = NOTHING_TO_DO, "skipped"
+    else:
+        try:
+            decision = mutate(obj, settings)
+        except Exception as err:  # a bug must deny with a reason, never break the wire contract
+            message = f"nix-flake-webhook internal error ({type(err).__name__}); please report it"
+            decision = Decision(refusal=Refusal("internal", message))
+        outcome = "denied" if decision.refusal is not None else "patched" if decision.patch else "allowed"
+
     metadata = obj.get("metadata") if isinstance(obj, dict) else None
     metadata = metadata if isinstance(metadata, dict) else {}
-    facts = ReviewResult(
+    return ReviewResult(
         200,
-        b"",
-        "",
+        _review_bytes(api_version if api_version in API_VERSIONS else API_VERSIONS[0], response_for(uid, decision)),
+        outcome,
         uid=uid,
         namespace=_text(request.get("namespace")),
         name=_text(request.get("name") or metadata.get("name") or metadata.get("generateName")),
         operation=_text(request.get("operation")),
         dry_run=request.get("dryRun") is True,
-    )
-
-    if api_version not in API_VERSIONS or document.get("kind") != "AdmissionReview":
-        decision = Decision(refusal=_unsupported(api_version, document.get("kind")))
-    elif not _is_pod_create(request):
-        return replace(facts, body=_review_bytes(version, {"uid": uid, "allowed": True}), outcome="skipped")
-    else:
-        try:
-            decision = mutate(obj, settings)
-        except Exception as err:  # a bug must deny with a reason, never break the wire contract
-            decision = Decision(
-                refusal=Refusal(
-                    "internal", f"nix-flake-webhook internal error ({type(err).__name__}); please report it"
-                )
-            )
-
-    outcome = "denied" if not decision.allowed else "patched" if decision.patch else "allowed"
-    return replace(
-        facts,
-        body=_review_bytes(version, response_for(uid, decision)),
-        outcome=outcome,
         reason=decision.refusal.reason if decision.refusal else "",
-        protocols=tuple(c.protocol or "" for c in decision.rewritten if c.action == "rewritten"),
+        protocols=tuple(c.protocol or "" for c in decision.containers if c.action == "rewritten"),
     )
 
 
