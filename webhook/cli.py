@@ -172,6 +172,64 @@ def cmd_certs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_register(args: argparse.Namespace) -> int:
+    from webhook import register
+
+    try:
+        objects = register.desired_objects(Path(args.certs_dir), args.service, args.namespace)
+    except (OSError, ValueError) as err:
+        print(f"error: cannot prepare certificates in {args.certs_dir}: {err}", file=sys.stderr)
+        return 1
+    if args.dry_run:
+        sys.stdout.write(register.dump_yaml(objects))
+        return 0
+    try:
+        registrar = register.Registrar(register.load_api_client(args.kubeconfig, args.context))
+        results = [registrar.apply(obj) for obj in objects]
+    except register.RegistrationError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    for line in results:
+        print(line)
+    if all(line.endswith("unchanged") for line in results):
+        print("nothing to do: the cluster already has this registration")
+    return 0
+
+
+def cmd_unregister(args: argparse.Namespace) -> int:
+    from webhook import register
+
+    config = register.webhook_configuration(b"", args.service, args.namespace)
+    try:
+        registrar = register.Registrar(register.load_api_client(args.kubeconfig, args.context))
+        print(registrar.delete("MutatingWebhookConfiguration", config["metadata"]["name"]))
+        if not args.keep_secret:
+            print(registrar.delete("Secret", register.SECRET_NAME, args.namespace))
+    except register.RegistrationError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def add_cluster_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--kubeconfig",
+        default=os.environ.get("KUBECONFIG"),
+        help="kubeconfig file [default: $KUBECONFIG, ~/.kube/config, or the in-cluster config]",
+    )
+    parser.add_argument("--context", default=None, help="kubeconfig context [default: the current one]")
+    parser.add_argument(
+        "--namespace",
+        default=env_default("namespace", certs.DEFAULT_NAMESPACE),
+        help=env_help("namespace", "namespace of the webhook's Service and Secret"),
+    )
+    parser.add_argument(
+        "--service",
+        default=env_default("service", certs.DEFAULT_SERVICE),
+        help=env_help("service", "name of the webhook's Service"),
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nix-flake-webhook",
@@ -279,6 +337,34 @@ def build_parser() -> argparse.ArgumentParser:
         help="renew (or warn, with check) this many days before expiry [default: %(default)s]",
     )
     crt.set_defaults(func=cmd_certs)
+
+    reg = sub.add_parser(
+        "register",
+        help="create or update the TLS Secret and the MutatingWebhookConfiguration in a cluster",
+        description="Ensure certificates for the Service in --certs-dir (CA reused, serving certificate renewed "
+        "when due), then server-side apply (field manager nix-flake-webhook) the kubernetes.io/tls Secret and "
+        "the MutatingWebhookConfiguration from manifests/base with caBundle set. While the CA rolls over the "
+        "bundle carries the old CA too. Objects already up to date are left alone. Apply manifests/base first.",
+    )
+    add_cluster_options(reg)
+    reg.add_argument(
+        "--certs-dir",
+        default=env_default("certs-dir", "certs"),
+        metavar="DIR",
+        help=env_help("certs-dir", "where the CA and serving certificate live"),
+    )
+    reg.add_argument("--dry-run", action="store_true", help="print the objects as YAML instead of touching the cluster")
+    reg.set_defaults(func=cmd_register)
+
+    unreg = sub.add_parser(
+        "unregister",
+        help="delete the MutatingWebhookConfiguration (and the TLS Secret)",
+        description="Delete the webhook configuration first, so the API server stops calling the webhook, "
+        "then the TLS Secret unless --keep-secret. Objects already gone are not an error.",
+    )
+    add_cluster_options(unreg)
+    unreg.add_argument("--keep-secret", action="store_true", help="leave the TLS Secret in place")
+    unreg.set_defaults(func=cmd_unregister)
     return parser
 
 
