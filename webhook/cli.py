@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-from webhook import certs
+from webhook import certs, dryrun
 from webhook.dialects import DIALECTS, decode, encode
 from webhook.errors import WebhookError
 from webhook.mutate import PULL_POLICIES, Settings
@@ -211,6 +211,63 @@ def cmd_unregister(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_inputs(paths: Sequence[str]) -> list[tuple[bytes, str]]:
+    if not paths or paths == ["-"]:
+        return [(sys.stdin.buffer.read(), "<stdin>")]
+    inputs = []
+    for path in paths:
+        if path == "-":
+            inputs.append((sys.stdin.buffer.read(), "<stdin>"))
+            continue
+        try:
+            inputs.append((Path(path).read_bytes(), path))
+        except OSError as err:
+            raise dryrun.InputError(f"{path}: cannot read: {err.strerror or err}") from None
+    return inputs
+
+
+def _documents(args: argparse.Namespace, decide: dryrun.Decide) -> list[dryrun.Document]:
+    documents = []
+    for data, source in _read_inputs(args.files):
+        documents.extend(dryrun.load_documents(data, source))
+    return [dryrun.process(document, decide) for document in documents]
+
+
+def _exit_code(documents: list[dryrun.Document]) -> int:
+    if any(d.error is not None for d in documents):
+        return 2
+    return 1 if any(d.refused for d in documents) else 0
+
+
+def cmd_dry_run(args: argparse.Namespace) -> int:
+    live: dryrun.LiveWebhook | None = None
+    try:
+        if args.server:
+            live = dryrun.LiveWebhook(args.server, args.ca, args.server_name)
+        documents = _documents(args, live or dryrun.offline(settings_from(args)))
+    except dryrun.InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        if live is not None:
+            live.close()
+    sys.stdout.write(dryrun.render(documents, args.output))
+    for line in dryrun.messages(documents):
+        print(line, file=sys.stderr)
+    return _exit_code(documents)
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    try:
+        documents = _documents(args, dryrun.offline(settings_from(args)))
+    except dryrun.InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for line in dryrun.explain(documents):
+        print(line)
+    return _exit_code(documents)
+
+
 def add_cluster_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--kubeconfig",
@@ -365,6 +422,50 @@ def build_parser() -> argparse.ArgumentParser:
     add_cluster_options(unreg)
     unreg.add_argument("--keep-secret", action="store_true", help="leave the TLS Secret in place")
     unreg.set_defaults(func=cmd_unregister)
+
+    dry = sub.add_parser(
+        "dry-run",
+        help="show what the webhook will make of manifests, offline or through a live webhook",
+        description="Read YAML or JSON (files or stdin; several documents, kind: List) and apply to every Pod, "
+        "and to the pod template of every Deployment, StatefulSet, DaemonSet, ReplicaSet, "
+        "ReplicationController, Job, CronJob and PodTemplate, exactly what the webhook does to the pods "
+        "created from them. Other kinds pass through unchanged. Warnings and refusals go to stderr. "
+        "Exit 0 when everything would be admitted, 1 when anything would be refused, 2 on unreadable input.",
+    )
+    dry.add_argument("files", nargs="*", metavar="FILE", help="manifest files; '-' or none reads stdin")
+    dry.add_argument(
+        "-o",
+        "--output",
+        choices=("yaml", "json", "patch", "diff"),
+        default="yaml",
+        help="the documents as they will run (yaml, json), the JSON Patch per pod (patch), or a unified diff per document (diff) [default: %(default)s]",
+    )
+    dry.add_argument(
+        "--server",
+        metavar="https://HOST:PORT",
+        help="ask a running webhook instead of deciding offline (AdmissionReview v1, as kube-apiserver sends it)",
+    )
+    dry.add_argument(
+        "--ca", metavar="FILE", help="CA bundle that signed the webhook's certificate [default: system trust]"
+    )
+    dry.add_argument(
+        "--server-name",
+        metavar="NAME",
+        help="TLS server name to present and verify, e.g. nix-flake-webhook.nix-flake-webhook.svc [default: the URL's host]",
+    )
+    add_policy_options(dry)
+    dry.set_defaults(func=cmd_dry_run)
+
+    exp = sub.add_parser(
+        "explain",
+        help="say, per container, what the webhook will do and why",
+        description="For every container of every pod and pod template in the files: rewritten, kept with a "
+        "recovery annotation, left alone, or refused, and which annotation or image decided it. "
+        "Exit codes as for dry-run.",
+    )
+    exp.add_argument("files", nargs="*", metavar="FILE", help="manifest files; '-' or none reads stdin")
+    add_policy_options(exp)
+    exp.set_defaults(func=cmd_explain)
     return parser
 
 

@@ -94,9 +94,9 @@ def _escape_pointer(key: str) -> str:
 def _concerns_us(pod: Mapping[str, Any]) -> bool:
     """Cheap pre-check so that pods with nothing to do cost next to nothing."""
     metadata = pod.get("metadata")
-    if not isinstance(metadata, Mapping):
-        return metadata is not None
-    annotations = metadata.get("annotations")
+    if metadata is not None and not isinstance(metadata, Mapping):
+        return True
+    annotations = metadata.get("annotations") if metadata is not None else None
     if annotations and (
         not isinstance(annotations, Mapping) or any(k.startswith("nix-snapshotter/flake") for k in annotations)
     ):
@@ -159,6 +159,7 @@ class _Mutation:
         self.outcomes: list[ContainerOutcome] = []
         self.recovery: dict[str, dict[str, str]] = {}
         self.pod_ref_used = False
+        self.current: tuple[str, str] | None = None  # the container being decided, for refusal records
 
     def run(self) -> Decision:
         pod_ref = self._annotation(POD_ANNOTATION)
@@ -177,7 +178,9 @@ class _Mutation:
                     f"(containers: {', '.join(names) or 'none'}); fix the container name in the annotation key",
                 )
         for path, pointer, name, container in containers:
+            self.current = (path, name)
             self._container(path, pointer, name, container, per_container.get(name), pod_ref)
+        self.current = None
         if pod_ref is not None and not self.pod_ref_used:
             self.warnings.append(
                 f"annotation {POD_ANNOTATION}={pod_ref} reaches no container: each has its own image; "
@@ -303,7 +306,9 @@ class _Mutation:
             op = "replace" if "imagePullPolicy" in container else "add"
             self.patch.append({"op": op, "path": f"{pointer}/imagePullPolicy", "value": policy})
         self.outcomes.append(
-            ContainerOutcome(path, name, "rewritten", f"flake from {source}", ref, encoded.image, encoded.ref.scheme)
+            ContainerOutcome(
+                path, name, "rewritten", f"flake '{ref}' from {source}", ref, encoded.image, encoded.ref.scheme
+            )
         )
 
     def _record_recovery(self, path: str, name: str, image: str, ref: str, source: str, where: str) -> None:
@@ -317,7 +322,7 @@ class _Mutation:
                 path,
                 name,
                 "recovery",
-                f"nix:0 store path kept; flake from {source} recorded for recovery",
+                f"nix:0 store path kept; flake '{ref}' from {source} recorded for recovery",
                 ref,
                 encoded.image,
                 encoded.ref.scheme,
@@ -371,6 +376,8 @@ class _Mutation:
 
     def _error(self, reason: str, message: str, code: int = 400) -> None:
         self.errors.append(Refusal(reason, message, code))
+        if self.current is not None:
+            self.outcomes.append(ContainerOutcome(*self.current, "refused", message))
 
     def _patch_recovery(self) -> None:
         if not self.recovery:
