@@ -9,6 +9,7 @@ import ssl
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 from webhook import certs, dryrun
 from webhook.dialects import DIALECTS, decode, encode
@@ -31,6 +32,17 @@ def env_list(name: str) -> list[str]:
 
 def env_help(name: str, text: str) -> str:
     return f"{text} [env {ENV_PREFIX}{name.upper().replace('-', '_')}; default: %(default)s]"
+
+
+def env_option(
+    parser: argparse.ArgumentParser, flag: str, default: str, text: str, env: str = "", **kwargs: Any
+) -> None:
+    """``--flag`` whose default comes from NIX_FLAKE_WEBHOOK_<FLAG> (or ``env``), saying so in --help."""
+    name = env or flag.removeprefix("--")
+    value: Any = env_default(name, default)
+    if kwargs.get("type") is int:
+        value = int(value)
+    parser.add_argument(flag, default=value, help=env_help(name, text), **kwargs)
 
 
 def add_dialect_option(parser: argparse.ArgumentParser) -> None:
@@ -99,8 +111,8 @@ def add_policy_options(parser: argparse.ArgumentParser) -> None:
         metavar="GLOB",
         help=env_help(
             "allow-source",
-            "only admit flakes matching this glob, e.g. 'github:myorg/*' (repeatable; the environment variable "
-            "takes a comma-separated list; none set: every source is allowed)",
+            "only admit flakes matching this glob, e.g. 'github:myorg/*' (repeatable, and added to the "
+            "comma-separated list in the environment; none at all: every source is allowed)",
         ),
     )
     parser.add_argument(
@@ -275,16 +287,8 @@ def add_cluster_options(parser: argparse.ArgumentParser) -> None:
         help="kubeconfig file [default: $KUBECONFIG, ~/.kube/config, or the in-cluster config]",
     )
     parser.add_argument("--context", default=None, help="kubeconfig context [default: the current one]")
-    parser.add_argument(
-        "--namespace",
-        default=env_default("namespace", certs.DEFAULT_NAMESPACE),
-        help=env_help("namespace", "namespace of the webhook's Service and Secret"),
-    )
-    parser.add_argument(
-        "--service",
-        default=env_default("service", certs.DEFAULT_SERVICE),
-        help=env_help("service", "name of the webhook's Service"),
-    )
+    env_option(parser, "--namespace", certs.DEFAULT_NAMESPACE, "namespace of the webhook's Service and Secret")
+    env_option(parser, "--service", certs.DEFAULT_SERVICE, "name of the webhook's Service")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -325,24 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
         "When the default certs/tls.crt and certs/tls.key are both missing, development certificates are "
         "generated there first. A renewed certificate on disk is picked up without a restart.",
     )
-    srv.add_argument(
-        "--bind",
-        default=env_default("bind", "0.0.0.0:8443"),
-        metavar="HOST:PORT",
-        help=env_help("bind", "address to listen on"),
-    )
-    srv.add_argument(
-        "--cert",
-        default=env_default("cert", "certs/tls.crt"),
-        metavar="FILE",
-        help=env_help("cert", "TLS certificate (PEM)"),
-    )
-    srv.add_argument(
-        "--key",
-        default=env_default("key", "certs/tls.key"),
-        metavar="FILE",
-        help=env_help("key", "TLS private key (PEM)"),
-    )
+    env_option(srv, "--bind", "0.0.0.0:8443", "address to listen on", metavar="HOST:PORT")
+    env_option(srv, "--cert", "certs/tls.crt", "TLS certificate (PEM)", metavar="FILE")
+    env_option(srv, "--key", "certs/tls.key", "TLS private key (PEM)", metavar="FILE")
     srv.add_argument(
         "--workers",
         type=int,
@@ -361,22 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
         "does not match, the chain does not verify, or expiry is near.",
     )
     crt.add_argument("action", nargs="?", choices=("check",), help="check the existing pair instead of creating one")
-    crt.add_argument(
-        "--out",
-        default=env_default("certs-dir", "certs"),
-        metavar="DIR",
-        help=env_help("certs-dir", "directory for ca.crt, ca.key, tls.crt, tls.key"),
-    )
-    crt.add_argument(
-        "--service",
-        default=env_default("service", certs.DEFAULT_SERVICE),
-        help=env_help("service", "Service name the API server calls"),
-    )
-    crt.add_argument(
-        "--namespace",
-        default=env_default("namespace", certs.DEFAULT_NAMESPACE),
-        help=env_help("namespace", "namespace of that Service"),
-    )
+    env_option(crt, "--out", "certs", "directory for ca.crt, ca.key, tls.crt, tls.key", env="certs-dir", metavar="DIR")
+    env_option(crt, "--service", certs.DEFAULT_SERVICE, "Service name the API server calls")
+    env_option(crt, "--namespace", certs.DEFAULT_NAMESPACE, "namespace of that Service")
     crt.add_argument(
         "--san", action="append", default=[], metavar="NAME", help="extra DNS name or IP address (repeatable)"
     )
@@ -404,12 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
         "bundle carries the old CA too. Objects already up to date are left alone. Apply manifests/base first.",
     )
     add_cluster_options(reg)
-    reg.add_argument(
-        "--certs-dir",
-        default=env_default("certs-dir", "certs"),
-        metavar="DIR",
-        help=env_help("certs-dir", "where the CA and serving certificate live"),
-    )
+    env_option(reg, "--certs-dir", "certs", "where the CA and serving certificate live", metavar="DIR")
     reg.add_argument("--dry-run", action="store_true", help="print the objects as YAML instead of touching the cluster")
     reg.set_defaults(func=cmd_register)
 

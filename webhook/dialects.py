@@ -37,7 +37,8 @@ _LATEST = ":latest"
 
 _SEED_ESCAPES = (("@", "--at--"), ("?", "--q--"), ("=", "--eq--"), ("&", "--amp--"))
 _SEED_TABLE = dict(_SEED_ESCAPES)
-_SEED_TOKENS = tuple((token, char) for char, token in _SEED_ESCAPES)
+_SEED_CHARS = {token: char for char, token in _SEED_ESCAPES}
+_SEED_TOKEN_RE = re.compile("|".join(token for _, token in _SEED_ESCAPES))
 _SEED_UNCARRIED_RE = re.compile(r"[^a-z0-9._/@?=&-]")
 _HEX_ESCAPED_RE = re.compile(r"[^a-z0-9._/]")
 _HEX_TOKEN_RE = re.compile(rb"--x([0-9a-f]{2})--")
@@ -117,14 +118,14 @@ def decode(image: str, dialect: str = "seed") -> str:
 def _escape_seed(ref: FlakeRef) -> str:
     body = ref.body
     offset = len(ref.prefix)
-    for token, char in _SEED_TOKENS:
-        found = body.find(token)
-        if found != -1:
-            raise EncodeError(
-                f"'{ref}' contains '{token}' in its {ref.part_at(offset + found)} at position "
-                f"{offset + found + 1}, which a seed node would decode as '{char}'; use the hex dialect",
-                position=offset + found + 1,
-            )
+    literal = _SEED_TOKEN_RE.search(body)
+    if literal is not None:
+        token, found = literal.group(), literal.start()
+        raise EncodeError(
+            f"'{ref}' contains '{token}' in its {ref.part_at(offset + found)} at position "
+            f"{offset + found + 1}, which a seed node would decode as '{_SEED_CHARS[token]}'; use the hex dialect",
+            position=offset + found + 1,
+        )
     bad = _SEED_UNCARRIED_RE.search(body)
     if bad is not None:
         raise _seed_refusal(ref, offset + bad.start())

@@ -462,7 +462,7 @@ def _check_params(text: str, ref: FlakeRef) -> None:
                 f"(allowed: {', '.join(sorted(allowed))})",
                 position=position,
             )
-        value = unquote_to_bytes(raw).decode("utf-8", "replace")
+        value = unquote_to_bytes(raw).decode("utf-8", "replace") if "%" in raw else raw
         if key == "rev":
             if not _REV_RE.fullmatch(value):
                 raise FlakeRefError(
