@@ -7,10 +7,21 @@ from typing import Any
 
 import jsonpatch
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.node_decoders import NODES, kubelet_accepts
 from tests.pods import container, replicaset_pod
-from webhook.mutate import NOTHING_TO_DO, RECOVERY_ANNOTATION, Decision, Settings, mutate
+from webhook.mutate import (
+    NOTHING_TO_DO,
+    RECOVERY_ANNOTATION,
+    Decision,
+    Settings,
+    _Mutation,
+    _Refused,
+    may_concern,
+    mutate,
+)
 
 SEED = Settings()
 HEX = Settings(dialect="hex")
@@ -227,7 +238,6 @@ def test_whitespace_image_counts_as_empty() -> None:
         (lambda p: p["spec"].__setitem__("containers", {"a": 1}), "spec.containers must be a list"),
         (lambda p: p["spec"]["containers"].__setitem__(0, "redis"), "must be a container map"),
         (lambda p: p["spec"]["containers"][0].pop("name"), "has no name"),
-        (lambda p: p.__setitem__("spec", None), "spec must be a PodSpec map"),
         (lambda p: p.__setitem__("spec", "x"), "spec must be a PodSpec map"),
         (lambda p: p.__setitem__("metadata", 3), "metadata must be a map"),
     ],
@@ -245,3 +255,46 @@ def test_not_a_pod_at_all() -> None:
     for thing in things:
         refusal = mutate(thing, SEED).refusal
         assert refusal is not None and "must be a Pod object" in refusal.message
+
+
+def _arbitrary_pods() -> st.SearchStrategy[Any]:
+    images = st.one_of(
+        st.sampled_from(["", " ", "nginx:1.27", "nix:0/nix/store/a-b.tar", " github:u/r", "GitHub:u/r", "x+y:z", "s3://b/k",
+                         "flake-github:0/u/r", "localhost:5000/a", "gitlab:16.0", "https:x"]),
+        st.text(max_size=20),
+        st.integers(),
+        st.none(),
+    )  # fmt: skip
+    containers = st.lists(
+        st.fixed_dictionaries({"name": st.sampled_from(["a", "b"])}, optional={"image": images}), max_size=3
+    )
+    annotations = st.one_of(
+        st.none(),
+        st.dictionaries(
+            st.sampled_from(["nix-snapshotter/flake", "nix-snapshotter/flake.a", "other/x", "nix-snapshotter/other"]),
+            st.one_of(st.sampled_from(["github:u/r", "bad"]), st.integers()),
+            max_size=3,
+        ),
+        st.lists(st.text(max_size=3), max_size=2),
+    )
+    return st.fixed_dictionaries(
+        {},
+        optional={
+            "metadata": st.one_of(st.none(), st.fixed_dictionaries({}, optional={"annotations": annotations})),
+            "spec": st.one_of(
+                st.none(), st.fixed_dictionaries({}, optional={"containers": containers, "initContainers": containers})
+            ),
+        },
+    )
+
+
+@settings(max_examples=1500, deadline=None)
+@given(_arbitrary_pods(), st.sampled_from([SEED, HEX]))
+def test_the_cheap_precheck_never_skips_work(pod: Any, config: Settings) -> None:
+    """may_concern() lets mutate() skip a pod only when the full decision would do nothing at all."""
+    if not may_concern(pod):
+        try:
+            full = _Mutation(pod, config).run()
+        except _Refused as refused:
+            raise AssertionError(f"skipped a pod the full decision refuses: {refused.refusal}") from None
+        assert full.allowed and full.patch == () and full.warnings == ()

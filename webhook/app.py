@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-import orjson
+import msgspec
 from flask import Flask, Response
 from werkzeug.exceptions import HTTPException
 
@@ -34,7 +34,7 @@ def log_review(result: ReviewResult, seconds: float) -> None:
     fields = result.log_fields()
     fields["latencyMs"] = round(seconds * 1000, 3)
     fields["ts"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    os.write(2, orjson.dumps(fields) + b"\n")
+    os.write(2, msgspec.json.encode(fields) + b"\n")
 
 
 def _read_body(environ: WSGIEnvironment) -> bytes | ReviewResult:
@@ -79,7 +79,7 @@ class MutateEndpoint:
 
 
 def _json(payload: dict[str, Any], status: int) -> Response:
-    return Response(orjson.dumps(payload), status=status, mimetype="application/json")
+    return Response(msgspec.json.encode(payload), status=status, mimetype="application/json")
 
 
 def create_app(settings: Settings, ready: Callable[[], bool] = lambda: True) -> Flask:

@@ -7,7 +7,8 @@ Pure: no I/O, no clocks, no framework.  The webhook, the dry run and
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any
@@ -25,6 +26,11 @@ CONTAINER_LISTS = ("initContainers", "containers")
 PULL_POLICIES = ("Always", "IfNotPresent", "Never")
 
 JsonPatchOp = dict[str, Any]
+
+# Matches (at least) every image, stripped or not, that is a flake-*:0 or nix:0 image or looks_like_flake_ref.
+_MAYBE_FLAKE_IMAGE = re.compile(
+    r"\s*(?:flake-|nix:0/|[A-Za-z][A-Za-z0-9.-]*\+|(?i:github|gitlab|sourcehut|path|flake|https?|file):|.*://)"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,18 +97,23 @@ def _escape_pointer(key: str) -> str:
     return key.replace("~", "~0").replace("/", "~1")
 
 
-def _concerns_us(pod: Mapping[str, Any]) -> bool:
-    """Cheap pre-check so that pods with nothing to do cost next to nothing."""
+def may_concern(pod: Any) -> bool:
+    """False only when ``pod`` certainly needs nothing from us: cheap, so that such pods cost next to nothing."""
+    if not isinstance(pod, dict):
+        return True
     metadata = pod.get("metadata")
-    if metadata is not None and not isinstance(metadata, Mapping):
-        return True
-    annotations = metadata.get("annotations") if metadata is not None else None
-    if annotations and (
-        not isinstance(annotations, Mapping) or any(k.startswith("nix-snapshotter/flake") for k in annotations)
-    ):
-        return True
+    if metadata is not None:
+        if not isinstance(metadata, dict):
+            return True
+        annotations = metadata.get("annotations")
+        if annotations is not None:
+            if not isinstance(annotations, dict):
+                return True
+            for key in annotations:
+                if key.startswith("nix-snapshotter/flake"):
+                    return True
     spec = pod.get("spec")
-    if not isinstance(spec, Mapping):
+    if not isinstance(spec, dict):
         return spec is not None
     for list_name in CONTAINER_LISTS:
         containers = spec.get(list_name)
@@ -111,19 +122,17 @@ def _concerns_us(pod: Mapping[str, Any]) -> bool:
         if not isinstance(containers, list):
             return True
         for container in containers:
-            image = container.get("image") if isinstance(container, Mapping) else None
-            if (
-                not isinstance(image, str)
-                or image.startswith(("flake-", NIX_IMAGE_PREFIX))
-                or (":" in image and looks_like_flake_ref(image))
-            ):
+            if not isinstance(container, dict):
+                return True
+            image = container.get("image")
+            if not isinstance(image, str) or _MAYBE_FLAKE_IMAGE.match(image):
                 return True
     return False
 
 
 def mutate(pod: Any, settings: Settings) -> Decision:
     """Decide what ``pod`` (a Pod object as JSON) becomes under ``settings``."""
-    if isinstance(pod, Mapping) and not _concerns_us(pod):
+    if not may_concern(pod):
         return NOTHING_TO_DO
     try:
         return _Mutation(pod, settings).run()
@@ -205,7 +214,9 @@ class _Mutation:
         return value.strip()
 
     def _containers(self) -> list[tuple[str, str, str, dict[str, Any]]]:
-        spec = _mapping(self.pod.get("spec"), "spec", "a PodSpec map")
+        raw_spec = self.pod.get("spec")
+        # No spec: no containers to decide about (the API server itself refuses such a pod).
+        spec = {} if raw_spec is None else _mapping(raw_spec, "spec", "a PodSpec map")
         found = []
         for list_name in CONTAINER_LISTS:
             items = spec.get(list_name)
