@@ -23,6 +23,8 @@ from urllib.parse import urlsplit
 
 from bench.reviews import admission_body
 
+MAX_CONNECTIONS = 32  # per process
+
 
 @dataclass
 class Outcome:
@@ -63,8 +65,14 @@ async def _run(
     idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
     outcome = Outcome()
     tasks: set[asyncio.Task[None]] = set()
+    # Like an API server's connection pool: a bounded number of connections, requests queue for one.
+    slots = asyncio.Semaphore(MAX_CONNECTIONS)
 
     async def one(due: float) -> None:
+        async with slots:
+            await exchange(due)
+
+    async def exchange(due: float) -> None:
         connection = None
         try:
             if idle and not fresh:

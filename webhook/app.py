@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 MUTATE_PATH = "/mutate"
 _JSON_HEADERS = [("Content-Type", "application/json")]
-_STATUS_LINES = {200: "200 OK", 400: "400 Bad Request", 413: "413 Request Entity Too Large"}
+_STATUS_LINES = {200: "200 OK", 400: "400 Bad Request", 408: "408 Request Timeout", 413: "413 Request Entity Too Large"}
 
 
 def log_review(result: ReviewResult, seconds: float) -> None:
@@ -40,16 +40,21 @@ def log_review(result: ReviewResult, seconds: float) -> None:
 def _read_body(environ: WSGIEnvironment) -> bytes | ReviewResult:
     length_text = environ.get("CONTENT_LENGTH") or ""
     stream = environ["wsgi.input"]
-    if not length_text:
-        body: bytes = stream.read(MAX_BODY_BYTES + 1)  # chunked: read one byte past the limit to detect it
-    else:
-        try:
-            length = int(length_text)
-        except ValueError:
-            return bad_request(f"invalid Content-Length {length_text[:20]!r}")
-        if length > MAX_BODY_BYTES:
-            return bad_request(f"request body is over {MAX_BODY_BYTES} bytes", 413)
-        body = stream.read(length)
+    try:
+        if not length_text:
+            body: bytes = stream.read(MAX_BODY_BYTES + 1)  # chunked: read one byte past the limit to detect it
+        else:
+            try:
+                length = int(length_text)
+            except ValueError:
+                return bad_request(f"invalid Content-Length {length_text[:20]!r}")
+            if length > MAX_BODY_BYTES:
+                return bad_request(f"request body is over {MAX_BODY_BYTES} bytes", 413)
+            body = stream.read(length)
+    except TimeoutError:
+        return bad_request("timed out reading the request body", 408)
+    except Exception as err:  # the server's own framing errors (bad chunks, early EOF): the client's fault
+        return bad_request(f"could not read the request body ({type(err).__name__})")
     if len(body) > MAX_BODY_BYTES:
         return bad_request(f"request body is over {MAX_BODY_BYTES} bytes", 413)
     return body

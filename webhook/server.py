@@ -4,6 +4,7 @@ Why these settings (figures in shared/reference/serving-baseline.md and bench/):
 
 * gevent workers, one per core: each connection is a greenlet, so clients
   that stall or idle hold no worker; gthread pins a thread per connection.
+  The worker (webhook/worker.py) does the TLS itself, under deadlines.
 * One SSL context per worker, rebuilt only when the files change: gunicorn
   otherwise parses the key on every connection, halving handshake rates,
   and the rebuild is where a renewed certificate is picked up.
@@ -20,7 +21,6 @@ import ssl
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,18 +32,15 @@ from webhook.mutate import Settings
 log = logging.getLogger("nix_flake_webhook.server")
 
 KEEPALIVE_SECONDS = 100
-HANDSHAKE_TIMEOUT_SECONDS = 10.0
-# A stalled request body may hold its greenlet this long at most; above keep-alive so idle reuse still works.
-SOCKET_TIMEOUT_SECONDS = KEEPALIVE_SECONDS + 20.0
 
 
 class CertificateReloader:
     """Builds the SSL context once and again only when the certificate files change.
 
-    Passed to gunicorn as its ``ssl_context``: gevent's server calls
-    ``wrap_socket`` on every accepted connection.  A new pair is loaded into a
-    fresh context and swapped in only when it is complete and matching, so a
-    half-written rotation never reaches a client.
+    The worker (webhook.worker) wraps every accepted connection with
+    :meth:`wrap`.  A new pair is loaded into a fresh context and swapped in
+    only when it is complete and matching, so a half-written rotation never
+    reaches a client.
     """
 
     def __init__(self, certfile: Path, keyfile: Path, check_interval: float = 1.0) -> None:
@@ -94,14 +91,12 @@ class CertificateReloader:
     def loaded(self) -> bool:
         return self.context() is not None
 
-    def wrap_socket(self, sock: socket.socket, **kwargs: Any) -> ssl.SSLSocket:
+    def wrap(self, sock: socket.socket) -> ssl.SSLSocket:
+        """Server-side TLS over ``sock``, handshake done (under the socket's own timeout)."""
         context = self.context()
         if context is None:
             raise ssl.SSLError(f"no usable TLS certificate in {self.certfile}")
-        sock.settimeout(HANDSHAKE_TIMEOUT_SECONDS)
-        wrapped = context.wrap_socket(sock, **kwargs)
-        wrapped.settimeout(SOCKET_TIMEOUT_SECONDS)
-        return wrapped
+        return context.wrap_socket(sock, server_side=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,10 +121,6 @@ class WebhookServer(BaseApplication):  # type: ignore[misc]
 
     def load_config(self) -> None:
         opts = self.options
-        reloader = self.reloader
-
-        def ssl_context(_config: Any, _default: Callable[[], ssl.SSLContext]) -> CertificateReloader:
-            return reloader
 
         def child_exit(_server: Any, worker: Any) -> None:
             from webhook import metrics
@@ -139,19 +130,20 @@ class WebhookServer(BaseApplication):  # type: ignore[misc]
         config = {
             "bind": [opts.bind],
             "workers": opts.workers,
-            "worker_class": "gevent",
+            # TLS is done by the worker itself (see webhook/worker.py), so gunicorn gets no certfile.
+            "worker_class": "webhook.worker.WebhookWorker",
             "worker_connections": 1000,
             "keepalive": KEEPALIVE_SECONDS,
             "timeout": 30,
             "graceful_timeout": opts.graceful_timeout,
-            "certfile": str(opts.certfile),
-            "keyfile": str(opts.keyfile),
-            "ssl_context": ssl_context,
             "child_exit": child_exit,
             "preload_app": True,
             "control_socket_disable": True,
             "accesslog": None,
             "errorlog": "-",
+            "on_starting": lambda _arbiter: log.warning(
+                "serving TLS 1.2+ with %s and %s (reloaded when they change)", opts.certfile, opts.keyfile
+            ),
             "loglevel": "info",
             "proc_name": "nix-flake-webhook",
         }

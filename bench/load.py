@@ -1,0 +1,217 @@
+"""End-to-end load on the real `nix-flake-webhook serve` (production settings, TLS), and on a baseline.
+
+Prints one table: closed-loop keep-alive runs with wrk (as kube-apiserver
+keeps connections), a run that opens a new TLS connection per request,
+open-loop runs at fixed rates (bench/openloop.py), a reconnect storm, server
+CPU per request and total RSS.  The baseline is the same gunicorn/gevent/TLS
+stack answering a constant ``allowed: true`` without parsing, so the
+difference is what our own logic costs.
+
+    python -m bench.load [--seconds 15] [--quick]
+
+Needs `wrk` (Debian package; installed by this script when missing and root).
+Load goes to 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench import openloop
+from bench.reviews import admission_body
+from webhook import certs
+
+SNI = "localhost"
+
+
+def ensure_wrk() -> str:
+    found = shutil.which("wrk")
+    if found:
+        return found
+    if os.geteuid() == 0:
+        subprocess.run(["apt-get", "update", "-qq"], check=False, capture_output=True)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], check=True, capture_output=True)
+        found = shutil.which("wrk")
+    if not found:
+        sys.exit("wrk is needed: apt-get install wrk")
+    return found
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen[bytes]
+    port: int
+    certs_dir: Path
+
+    def pids(self) -> list[int]:
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+        return [self.proc.pid, *map(int, children)]
+
+    def rss_mib(self) -> float:
+        total = 0
+        for pid in self.pids():
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        return total / 1024
+
+    def cpu_seconds(self) -> float:
+        ticks = os.sysconf("SC_CLK_TCK")
+        total = 0
+        for pid in self.pids():
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime + stime
+        return total / ticks
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(30)
+
+
+def start(kind: str, workdir: Path) -> Server:
+    certs_dir = workdir / "certs"
+    certs.ensure(certs_dir, certs.CertSpec())
+    port = free_port()
+    common = ["--bind", f"127.0.0.1:{port}", "--cert", str(certs_dir / "tls.crt"), "--key", str(certs_dir / "tls.key")]
+    if kind == "webhook":
+        command = [sys.executable, "-m", "webhook.cli", "serve", *common]
+    else:
+        command = [sys.executable, "-m", "bench.baseline", *common]
+    log = (workdir / f"{kind}.log").open("wb")
+    # The review log lines go to a file, as they would to a container runtime's log pipe.
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    server = Server(proc, port, certs_dir)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        result = (
+            subprocess.run(["curl", "-sk", f"https://127.0.0.1:{port}/healthz"], capture_output=True, check=False)
+            if shutil.which("curl")
+            else None
+        )
+        if result is not None and result.returncode == 0:
+            break
+        time.sleep(0.2)
+    time.sleep(1)
+    return server
+
+
+LUA = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+{extra}
+wrk.body = {body}
+done = function(summary, latency, requests)
+  local errors = summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout
+  io.write(string.format("RESULT %d %f %f %f %f %d %d\\n", summary.requests, summary.duration / 1e6,
+    latency:percentile(50) / 1000, latency:percentile(90) / 1000, latency:percentile(99) / 1000,
+    errors, summary.errors.status))
+end
+"""
+
+
+def wrk_run(wrk: str, server: Server, connections: int, seconds: int, fresh: bool, workdir: Path) -> dict[str, float]:
+    script = workdir / f"wrk-{fresh}.lua"
+    extra = 'wrk.headers["Connection"] = "close"' if fresh else ""
+    script.write_text(LUA.format(body=json.dumps(admission_body(1).decode()), extra=extra))
+    cpu0 = server.cpu_seconds()
+    out = subprocess.run(
+        [wrk, "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "5s", "-s", str(script),
+         f"https://127.0.0.1:{server.port}/mutate?timeout=10s"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    cpu = server.cpu_seconds() - cpu0
+    line = next(line for line in out.splitlines() if line.startswith("RESULT"))
+    requests, duration, p50, p90, p99, errors, non2xx = (float(x) for x in line.split()[1:])
+    return {
+        "rps": requests / duration,
+        "p50": p50,
+        "p90": p90,
+        "p99": p99,
+        "errors": errors + non2xx,
+        "requests": requests,
+        "cpu_us": cpu / max(requests, 1) * 1e6,
+    }
+
+
+def open_run(server: Server, rate: float, seconds: float, fresh: bool) -> dict[str, float]:
+    result = openloop.run(
+        f"https://127.0.0.1:{server.port}/mutate", str(server.certs_dir / "ca.crt"), SNI, rate, seconds, fresh
+    )
+    ms = [v * 1000 for v in result.latencies]
+    return {
+        "rate": rate,
+        "sent": result.sent,
+        "p50": openloop.percentile(ms, 50),
+        "p90": openloop.percentile(ms, 90),
+        "p99": openloop.percentile(ms, 99),
+        "errors": result.errors,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=int, default=15, help="length of each closed-loop and open-loop run")
+    parser.add_argument("--quick", action="store_true", help="5 s runs, no soak: a smoke test of the script")
+    args = parser.parse_args()
+    seconds = 5 if args.quick else args.seconds
+    wrk = ensure_wrk()
+    print(f"# load benchmark, {platform.node()}: {os.cpu_count()} cores, Python {platform.python_version()}, "
+          f"load generator on the same machine")  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        for kind in ("webhook", "baseline"):
+            server = start(kind, workdir)
+            try:
+                rss_start = server.rss_mib()
+                print(f"\n## {kind}: RSS at start {rss_start:.0f} MiB")
+                print(
+                    f"{'run':<34} {'req/s':>8} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'errors':>7} {'cpu µs/req':>11}"
+                )
+                for connections in (1, 8, 32):
+                    r = wrk_run(wrk, server, connections, seconds, False, workdir)
+                    print(f"{f'keep-alive, {connections} connection(s)':<34} {r['rps']:>8.0f} {r['p50']:>8.2f} "
+                          f"{r['p90']:>8.2f} {r['p99']:>8.2f} {r['errors']:>7.0f} {r['cpu_us']:>11.0f}")  # fmt: skip
+                r = wrk_run(wrk, server, 8, seconds, True, workdir)
+                print(f"{'new TLS connection per request':<34} {r['rps']:>8.0f} {r['p50']:>8.2f} {r['p90']:>8.2f} "
+                      f"{r['p99']:>8.2f} {r['errors']:>7.0f} {r['cpu_us']:>11.0f}")  # fmt: skip
+                if kind == "webhook":
+                    for rate in (1000, 2000, 3000):
+                        o = open_run(server, rate, seconds, fresh=False)
+                        print(f"{f'open loop {rate}/s, kept alive':<34} {o['sent'] / seconds:>8.0f} {o['p50']:>8.2f} "
+                              f"{o['p90']:>8.2f} {o['p99']:>8.2f} {o['errors']:>7.0f}")  # fmt: skip
+                    o = open_run(server, 1000, min(seconds, 5), fresh=True)
+                    print(f"{'storm 1000/s, fresh connections':<34} {o['sent'] / min(seconds, 5):>8.0f} {o['p50']:>8.2f} "
+                          f"{o['p90']:>8.2f} {o['p99']:>8.2f} {o['errors']:>7.0f}")  # fmt: skip
+                    if not args.quick:
+                        before = server.rss_mib()
+                        total = 0.0
+                        while total < 100_000:
+                            total += wrk_run(wrk, server, 8, 10, False, workdir)["requests"]
+                        print(f"RSS over {total:,.0f} more requests: {before:.0f} MiB -> {server.rss_mib():.0f} MiB")
+                print(f"RSS at end {server.rss_mib():.0f} MiB (master + workers)")
+            finally:
+                server.stop()
+
+
+if __name__ == "__main__":
+    main()
