@@ -24,10 +24,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from webhook.defaults import DEFAULT_NAMESPACE, DEFAULT_SERVICE
+
 CA_CERT, CA_KEY, TLS_CERT, TLS_KEY = "ca.crt", "ca.key", "tls.crt", "tls.key"
 PREVIOUS_CA = "ca-previous.crt"
-DEFAULT_SERVICE = "nix-flake-webhook"
-DEFAULT_NAMESPACE = "nix-flake-webhook"
 
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 

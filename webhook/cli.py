@@ -9,12 +9,15 @@ import ssl
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from webhook import certs, dryrun
+from webhook.defaults import DEFAULT_NAMESPACE, DEFAULT_SERVICE
 from webhook.dialects import DIALECTS, decode, encode
 from webhook.errors import WebhookError
 from webhook.mutate import PULL_POLICIES, Settings
+
+if TYPE_CHECKING:
+    from webhook import dryrun
 
 ENV_PREFIX = "NIX_FLAKE_WEBHOOK_"
 
@@ -132,6 +135,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     cert, key = Path(args.cert), Path(args.key)
     if not cert.exists() and not key.exists():
+        from webhook import certs  # only here: cryptography costs the server memory it never needs again
+
         if (cert.name, key.name) != (certs.TLS_CERT, certs.TLS_KEY) or cert.parent != key.parent:
             print(f"error: {cert} and {key} do not exist; create them with 'nix-flake-webhook certs'", file=sys.stderr)
             return 2
@@ -157,6 +162,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
+    from webhook import certs
+
     out = Path(args.out)
     renew = dt.timedelta(days=args.renew_before)
     if args.action == "check":
@@ -224,6 +231,8 @@ def cmd_unregister(args: argparse.Namespace) -> int:
 
 
 def _read_inputs(paths: Sequence[str]) -> list[tuple[bytes, str]]:
+    from webhook import dryrun
+
     if not paths or paths == ["-"]:
         return [(sys.stdin.buffer.read(), "<stdin>")]
     inputs = []
@@ -239,6 +248,8 @@ def _read_inputs(paths: Sequence[str]) -> list[tuple[bytes, str]]:
 
 
 def _documents(args: argparse.Namespace, decide: dryrun.Decide) -> list[dryrun.Document]:
+    from webhook import dryrun
+
     documents = []
     for data, source in _read_inputs(args.files):
         documents.extend(dryrun.load_documents(data, source))
@@ -252,6 +263,8 @@ def _exit_code(documents: list[dryrun.Document]) -> int:
 
 
 def cmd_dry_run(args: argparse.Namespace) -> int:
+    from webhook import dryrun
+
     live: dryrun.LiveWebhook | None = None
     try:
         if args.server:
@@ -270,6 +283,8 @@ def cmd_dry_run(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
+    from webhook import dryrun
+
     try:
         documents = _documents(args, dryrun.offline(settings_from(args)))
     except dryrun.InputError as err:
@@ -287,8 +302,8 @@ def add_cluster_options(parser: argparse.ArgumentParser) -> None:
         help="kubeconfig file [default: $KUBECONFIG, ~/.kube/config, or the in-cluster config]",
     )
     parser.add_argument("--context", default=None, help="kubeconfig context [default: the current one]")
-    env_option(parser, "--namespace", certs.DEFAULT_NAMESPACE, "namespace of the webhook's Service and Secret")
-    env_option(parser, "--service", certs.DEFAULT_SERVICE, "name of the webhook's Service")
+    env_option(parser, "--namespace", DEFAULT_NAMESPACE, "namespace of the webhook's Service and Secret")
+    env_option(parser, "--service", DEFAULT_SERVICE, "name of the webhook's Service")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -351,8 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     crt.add_argument("action", nargs="?", choices=("check",), help="check the existing pair instead of creating one")
     env_option(crt, "--out", "certs", "directory for ca.crt, ca.key, tls.crt, tls.key", env="certs-dir", metavar="DIR")
-    env_option(crt, "--service", certs.DEFAULT_SERVICE, "Service name the API server calls")
-    env_option(crt, "--namespace", certs.DEFAULT_NAMESPACE, "namespace of that Service")
+    env_option(crt, "--service", DEFAULT_SERVICE, "Service name the API server calls")
+    env_option(crt, "--namespace", DEFAULT_NAMESPACE, "namespace of that Service")
     crt.add_argument(
         "--san", action="append", default=[], metavar="NAME", help="extra DNS name or IP address (repeatable)"
     )
