@@ -42,6 +42,9 @@ _SEED_TOKEN_RE = re.compile("|".join(token for _, token in _SEED_ESCAPES))
 _SEED_UNCARRIED_RE = re.compile(r"[^a-z0-9._/@?=&-]")
 _HEX_ESCAPED_RE = re.compile(r"[^a-z0-9._/]")
 _HEX_TOKEN_RE = re.compile(rb"--x([0-9a-f]{2})--")
+# Flake refs are ASCII (the parser makes sure), so both directions are table look-ups.
+_HEX_TOKENS = {chr(i): f"--x{i:02x}--" for i in range(128)}
+_HEX_BYTES = {f"{i:02x}".encode(): bytes((i,)) for i in range(256)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +99,7 @@ def _decode_hex(image: str) -> str:
     scheme, path = _split_image(image)
     if not path:
         raise ImageDecodeError(f"a hex node refuses '{image}': the path after the protocol is empty")
-    raw = _HEX_TOKEN_RE.sub(lambda match: bytes((int(match.group(1), 16),)), path.encode())
+    raw = _HEX_TOKEN_RE.sub(lambda match: _HEX_BYTES[match.group(1)], path.encode())
     try:
         url = _PREFIX[scheme] + raw.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -162,7 +165,7 @@ def _seed_refusal(ref: FlakeRef, index: int) -> EncodeError:
 
 
 def _hex_token(char: str) -> str:
-    return "".join(f"--x{byte:02x}--" for byte in char.encode())
+    return _HEX_TOKENS.get(char) or "".join(f"--x{byte:02x}--" for byte in char.encode())
 
 
 def _escape_hex(ref: FlakeRef) -> str:

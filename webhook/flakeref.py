@@ -188,33 +188,22 @@ class FlakeRef:
         """
         if self.owner == self.owner.lower() and self.repo == self.repo.lower() and self.host == self.host.lower():
             return self, ()
-        text = str(self)
-        pieces: list[str] = []
-        warnings: list[str] = []
-        last = 0
-        for span in self.spans:
-            if not span.caseless:
-                continue
-            part = text[span.start : span.end]
-            if part != part.lower():
-                warnings.append(
-                    f"{span.label} '{part}' lowercased to '{part.lower()}' "
-                    "(it is case-insensitive; images must be lowercase)"
-                )
-            pieces.append(text[last : span.start])
-            pieces.append(part.lower())
-            last = span.end
-        if not warnings:
-            return self, ()
-        pieces.append(text[last:])
-        folded = "".join(pieces)
-        return replace(
-            self,
-            body=folded[len(self.prefix) :],
-            owner=self.owner.lower(),
-            repo=self.repo.lower(),
-            host=self.host.lower(),
-        ), tuple(warnings)
+        # The caseless parts lead the body: OWNER/REPO for github, [USER@]HOST[:PORT] otherwise.
+        if self.scheme == "github":
+            parts = (("GitHub owner", self.owner), ("GitHub repository", self.repo))
+            head = len(self.owner) + 1 + len(self.repo)
+            body = f"{self.owner.lower()}/{self.repo.lower()}{self.body[head:]}"
+        else:
+            parts = (("host name", self.host),)
+            start = len(self.user) + 1 if self.user else 0
+            body = self.body[:start] + self.host.lower() + self.body[start + len(self.host) :]
+        warnings = tuple(
+            f"{label} '{value}' lowercased to '{value.lower()}' (it is case-insensitive; images must be lowercase)"
+            for label, value in parts
+            if value != value.lower()
+        )
+        folded = replace(self, body=body, owner=self.owner.lower(), repo=self.repo.lower(), host=self.host.lower())
+        return folded, warnings
 
 
 def looks_like_flake_ref(text: str) -> bool:
