@@ -189,6 +189,7 @@ class FlakeRef:
         if self.owner == self.owner.lower() and self.repo == self.repo.lower() and self.host == self.host.lower():
             return self, ()
         # The caseless parts lead the body: OWNER/REPO for github, [USER@]HOST[:PORT] otherwise.
+        parts: tuple[tuple[str, str], ...]
         if self.scheme == "github":
             parts = (("GitHub owner", self.owner), ("GitHub repository", self.repo))
             head = len(self.owner) + 1 + len(self.repo)
