@@ -25,9 +25,11 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check webhook tests bench
 	$(BIN)/mypy
 
-## bench: print the codec and admission benchmarks (not part of the tests)
+## bench: print the codec, admission and load benchmarks (not part of the tests; see bench/RESULTS.md)
 bench: $(STAMP)
-	$(BIN)/python bench/codec.py
+	$(BIN)/python -m bench.codec
+	$(BIN)/python -m bench.admission
+	$(BIN)/python -m bench.load
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis
