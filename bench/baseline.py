@@ -1,7 +1,8 @@
 """The baseline: the webhook's own gunicorn/gevent/TLS stack answering a constant `allowed: true`.
 
-It reads the body and parses nothing, so bench/load.py can show what our own
-logic costs on top of the serving stack.
+It takes the same lean path through the worker, reads the body and parses
+nothing, so bench/load.py can show what our own logic costs on top of the
+serving stack.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from webhook.admission import ReviewResult
 from webhook.mutate import Settings
 from webhook.server import ServeOptions, WebhookServer, prepare_metrics_dir
 
@@ -20,15 +22,26 @@ if TYPE_CHECKING:
 ANSWER = b'{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","response":{"uid":"x","allowed":true}}'
 
 
-def constant(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-    environ["wsgi.input"].read()
-    start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(ANSWER)))])
-    return [ANSWER]
+class ConstantEndpoint:
+    """Takes the worker's lean path like the webhook's endpoint, and answers without looking."""
+
+    def answer(self, body: bytes | ReviewResult, start: float) -> ReviewResult:
+        return ReviewResult(200, ANSWER, "allowed")
+
+
+class ConstantApp:
+    def __init__(self) -> None:
+        self.extensions = {"nix_flake_webhook.mutate": ConstantEndpoint()}
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        environ["wsgi.input"].read()
+        start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(ANSWER)))])
+        return [ANSWER]
 
 
 class BaselineServer(WebhookServer):
     def load(self) -> Any:
-        return constant
+        return ConstantApp()
 
 
 if __name__ == "__main__":

@@ -222,3 +222,79 @@ def test_failed_call_is_reported_as_such(server: RunningServer) -> None:
     client = ApiServerWebhookClient(server.port, server.ca_bundle, service="other")
     with pytest.raises(WebhookCallFailed, match="failed calling webhook"):
         client.admit(replicaset_pod([container("a", "")]))
+
+
+# --- the worker's lean path for POST /mutate, and its hand-over to gunicorn ----------------------------
+
+
+def _raw_exchange(server: RunningServer, payload: bytes, responses: int) -> list[bytes]:
+    """Write ``payload`` on one TLS connection and read ``responses`` HTTP responses back."""
+    with (
+        socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw,
+        _localhost_context(server).wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        tls.sendall(payload)
+        reader = tls.makefile("rb")
+        answers = []
+        for _ in range(responses):
+            status = reader.readline()
+            length = 0
+            while (line := reader.readline()) not in (b"\r\n", b""):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            answers.append(status + reader.read(length))
+        return answers
+
+
+def _post(body: bytes, extra: bytes = b"") -> bytes:
+    return (
+        b"POST /mutate?timeout=10s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + extra
+        + b"Content-Length: %d\r\n\r\n" % len(body)
+        + body
+    )
+
+
+def _review_body(apiserver: ApiServerWebhookClient) -> tuple[bytes, str]:
+    review = apiserver.review_for(replicaset_pod([container("a", "")], {"nix-snapshotter/flake": "github:u/a"}))
+    return json.dumps(review).encode(), review["request"]["uid"]
+
+
+def test_pipelined_and_mixed_requests_on_one_connection(
+    server: RunningServer, apiserver: ApiServerWebhookClient
+) -> None:
+    body, uid = _review_body(apiserver)
+    healthz = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    answers = _raw_exchange(server, _post(body) + _post(body) + healthz + _post(body), 4)
+    assert [a.split(b"\r\n")[0] for a in answers] == [b"HTTP/1.1 200 OK"] * 4
+    for index in (0, 1, 3):  # the last one after gunicorn took the connection over
+        assert uid.encode() in answers[index] and b'"patch"' in answers[index]
+    assert b'"ok"' in answers[2]
+
+
+def test_chunked_and_http10_requests_are_answered(server: RunningServer, apiserver: ApiServerWebhookClient) -> None:
+    body, uid = _review_body(apiserver)
+    chunked = (
+        b"POST /mutate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + b"%x\r\n" % len(body)
+        + body
+        + b"\r\n0\r\n\r\n"
+    )
+    (answer,) = _raw_exchange(server, chunked, 1)
+    assert answer.startswith(b"HTTP/1.1 200") and uid.encode() in answer
+    old = b"POST /mutate HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+    (answer,) = _raw_exchange(server, old, 1)
+    assert answer.startswith(b"HTTP/1.") and b" 200 " in answer.split(b"\r\n")[0] and uid.encode() in answer
+
+
+def test_connection_close_is_honoured(server: RunningServer, apiserver: ApiServerWebhookClient) -> None:
+    body, uid = _review_body(apiserver)
+    with (
+        socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw,
+        _localhost_context(server).wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        tls.sendall(_post(body, b"Connection: close\r\n"))
+        data = b""
+        while chunk := tls.recv(65536):
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 200") and b"Connection: close" in data and uid.encode() in data

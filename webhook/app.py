@@ -61,26 +61,31 @@ def _read_body(environ: WSGIEnvironment) -> bytes | ReviewResult:
 
 
 class MutateEndpoint:
-    """WSGI middleware that answers POST /mutate itself and passes everything else on."""
+    """POST /mutate: as WSGI middleware in front of Flask, and as :meth:`answer` for the worker's lean path."""
 
     def __init__(self, settings: Settings, fallback: WSGIApplication) -> None:
         self.settings = settings
         self.fallback = fallback
 
-    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        if environ.get("PATH_INFO") != MUTATE_PATH or environ.get("REQUEST_METHOD") != "POST":
-            return self.fallback(environ, start_response)
-        start = time.perf_counter()
-        body = _read_body(environ)
+    def answer(self, body: bytes | ReviewResult, start: float) -> ReviewResult:
+        """Review ``body`` (or pass on a transport error), count it and log it."""
         result = body if isinstance(body, ReviewResult) else review(body, self.settings)
         seconds = time.perf_counter() - start
         metrics.record(result, seconds)
         log_review(result, seconds)
-        start_response(
-            _STATUS_LINES.get(result.status, f"{result.status} Error"),
-            [*_JSON_HEADERS, ("Content-Length", str(len(result.body)))],
-        )
+        return result
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") != MUTATE_PATH or environ.get("REQUEST_METHOD") != "POST":
+            return self.fallback(environ, start_response)
+        start = time.perf_counter()
+        result = self.answer(_read_body(environ), start)
+        start_response(status_line(result.status), [*_JSON_HEADERS, ("Content-Length", str(len(result.body)))])
         return [result.body]
+
+
+def status_line(status: int) -> str:
+    return _STATUS_LINES.get(status, f"{status} Error")
 
 
 def _json(payload: dict[str, Any], status: int) -> Response:
@@ -122,5 +127,7 @@ def create_app(settings: Settings, ready: Callable[[], bool] = lambda: True) -> 
         app.logger.exception("unexpected error")
         return _json({"error": f"internal error: {type(err).__name__}", "code": 400}, 400)
 
-    app.wsgi_app = MutateEndpoint(settings, app.wsgi_app)  # type: ignore[method-assign]
+    endpoint = MutateEndpoint(settings, app.wsgi_app)
+    app.wsgi_app = endpoint  # type: ignore[method-assign]
+    app.extensions["nix_flake_webhook.mutate"] = endpoint  # the worker's lean path answers through it
     return app

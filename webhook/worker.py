@@ -1,7 +1,7 @@
-"""The gunicorn worker: gevent, with TLS done here rather than by gevent's server.
+"""The gunicorn worker: gevent, with TLS done here, and a lean path for the one hot request.
 
-Why not gunicorn's stock gevent TLS: its server wraps accepted sockets before
-handing them over, with no timeout on the handshake, and a connection whose
+TLS: gunicorn's stock gevent server wraps accepted sockets before handing
+them over, with no deadline on the handshake, and a connection whose
 handshake finishes just after SIGTERM closed the listener is dropped
 unanswered (gevent's closed server has no handler any more, and gunicorn asks
 the closed listener for its address).  Here the socket is handed over first
@@ -9,18 +9,40 @@ and wrapped inside its own greenlet, with a deadline on the handshake and on
 every later read and write, with the certificate the
 :class:`~webhook.server.CertificateReloader` currently holds, and with the
 listener's address remembered from start-up.
+
+The lean path: a kept-alive connection from kube-apiserver carries nothing
+but ``POST /mutate`` with a Content-Length.  Those requests are parsed with
+gunicorn's own C parser (gunicorn_h1c) and answered through the app's
+:class:`~webhook.app.MutateEndpoint` directly, which saves gunicorn's request,
+environ and response objects (about a third of the CPU per request,
+bench/RESULTS.md).  The first request that is anything else (another path or
+method, chunked, ``Expect``, HTTP/1.0, a parse error) hands the connection,
+with the bytes already read, to gunicorn's normal handling for good.
 """
 
 from __future__ import annotations
 
 import socket
 import ssl
+import time
+from email.utils import formatdate
 from typing import Any
 
+import gevent
 from gunicorn.workers.base_async import AsyncWorker
 from gunicorn.workers.ggevent import GeventWorker
 
+from webhook.admission import MAX_BODY_BYTES, bad_request
+from webhook.app import MutateEndpoint, status_line
+
+try:
+    from gunicorn_h1c import IncompleteError, parse_request
+except ImportError:  # without the C parser every request takes gunicorn's path
+    parse_request = None
+
 HANDSHAKE_TIMEOUT_SECONDS = 10.0
+MAX_HEAD_BYTES = 16 * 1024
+RECV_BYTES = 64 * 1024
 
 
 class _Listener:
@@ -33,23 +55,150 @@ class _Listener:
         return self.name
 
 
+class _Replay:
+    """The TLS socket with the bytes already read put back in front, for gunicorn's parser."""
+
+    def __init__(self, sock: ssl.SSLSocket, pending: bytes) -> None:
+        self._sock = sock
+        self._pending = pending
+
+    def recv(self, size: int) -> bytes:
+        if self._pending:
+            chunk, self._pending = self._pending[:size], self._pending[size:]
+            return chunk
+        return self._sock.recv(size)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+class _Date:
+    """The Date header, formatted once a second."""
+
+    second = -1
+    value = b""
+
+    @classmethod
+    def header(cls) -> bytes:
+        now = int(time.time())
+        if now != cls.second:
+            cls.second, cls.value = now, f"Date: {formatdate(now, usegmt=True)}\r\n".encode()
+        return cls.value
+
+
 class WebhookWorker(GeventWorker):  # type: ignore[misc]
-    """GeventWorker whose connections are TLS-wrapped, under deadlines, by the app's certificate reloader."""
+    """GeventWorker with its own TLS under deadlines and a lean path for POST /mutate."""
 
     def run(self) -> None:
         self.listeners = {id(sock): _Listener(sock.getsockname()) for sock in self.sockets}
+        extensions = getattr(self.wsgi, "extensions", {})
+        self.endpoint: MutateEndpoint | None = (
+            extensions.get("nix_flake_webhook.mutate") if parse_request is not None else None
+        )
         super().run()
 
     def handle(self, listener: Any, client: socket.socket, addr: Any) -> None:
         listener = self.listeners.get(id(listener), listener)
-        reloader = self.app.reloader
         client.settimeout(HANDSHAKE_TIMEOUT_SECONDS)
         try:
-            tls = reloader.wrap(client)
+            tls = self.app.reloader.wrap(client)
         except (OSError, ssl.SSLError, ValueError) as err:
             self.log.debug("TLS handshake with %s failed: %s", addr, err)
             client.close()
             return
         # Above keep-alive, so idle connections are closed by it first; bounds a stalled body or reader.
         tls.settimeout(self.cfg.keepalive + 20.0)
-        AsyncWorker.handle(self, listener, tls, addr)
+        connection: Any = tls
+        if self.endpoint is not None:
+            try:
+                pending = self._serve_mutations(tls, self.endpoint)
+            except OSError:  # reset, TLS error, or a deadline passed: the client is gone
+                pending = None
+            if pending is None:
+                tls.close()
+                return
+            if pending:
+                connection = _Replay(tls, pending)
+        AsyncWorker.handle(self, listener, connection, addr)
+
+    def _serve_mutations(self, tls: ssl.SSLSocket, endpoint: MutateEndpoint) -> bytes | None:
+        """Answer POST /mutate requests until the connection ends (None) or needs gunicorn (the unread bytes)."""
+        buffer = b""
+        while True:
+            request = None
+            with gevent.Timeout(self.cfg.keepalive, False):
+                while True:
+                    try:
+                        request = parse_request(buffer)
+                        break
+                    except IncompleteError:
+                        if len(buffer) > MAX_HEAD_BYTES:
+                            return buffer
+                        chunk = tls.recv(RECV_BYTES)
+                        if not chunk:
+                            return None
+                        buffer += chunk
+                    except ValueError:  # gunicorn_h1c.ParseError: let gunicorn answer it properly
+                        return buffer
+            if request is None:
+                return None  # idle past keep-alive
+            length, close = _framing(request)
+            if length is None:
+                return buffer
+            start = time.perf_counter()
+            end = request["consumed"] + length
+            result = None
+            while len(buffer) < end:
+                try:
+                    chunk = tls.recv(RECV_BYTES)
+                except TimeoutError:
+                    result = endpoint.answer(bad_request("timed out reading the request body", 408), start)
+                    break
+                if not chunk:
+                    return None  # the client went away mid-body
+                buffer += chunk
+            if result is None:
+                body, buffer = buffer[request["consumed"] : end], buffer[end:]
+                result = endpoint.answer(body, start)
+            close = close or not self.alive or result.status == 408
+            tls.sendall(
+                b"HTTP/1.1 %s\r\nServer: nix-flake-webhook\r\n%sContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n%s\r\n%s"
+                % (
+                    _status_bytes(result.status),
+                    _Date.header(),
+                    len(result.body),
+                    b"Connection: close\r\n" if close else b"",
+                    result.body,
+                )
+            )
+            if close:
+                return None
+
+
+def _framing(request: dict[str, Any]) -> tuple[int | None, bool]:
+    """(body length, close after) for a plain HTTP/1.1 POST /mutate; (None, _) when gunicorn should take it."""
+    if request["method"] != b"POST" or request["minor_version"] != 1:
+        return None, False
+    path = request["path"]
+    if path != b"/mutate" and not path.startswith(b"/mutate?"):
+        return None, False
+    length: int | None = None
+    close = False
+    for name, value in request["headers"]:
+        lower = name.lower()
+        if lower == b"content-length":
+            if length is not None or not value.isdigit():
+                return None, False
+            length = int(value)
+        elif lower in (b"transfer-encoding", b"expect"):
+            return None, False
+        elif lower == b"connection":
+            close = b"close" in value.lower()
+    if length is None or length > MAX_BODY_BYTES:
+        return None, False
+    return length, close
+
+
+def _status_bytes(status: int) -> bytes:
+    return status_line(status).encode()
