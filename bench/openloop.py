@@ -29,6 +29,8 @@ MAX_CONNECTIONS = 32  # per process
 @dataclass
 class Outcome:
     latencies: list[float] = field(default_factory=list)
+    #: from the moment each request was written: what is left when the generator's own lag is taken out
+    from_write: list[float] = field(default_factory=list)
     errors: int = 0
     sent: int = 0
 
@@ -43,7 +45,10 @@ def _request(host: str, port: int, path: str, body: bytes, close: bool) -> bytes
     return head.encode() + body
 
 
-async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, payload: bytes) -> bool:
+async def _exchange(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, payload: bytes, outcome: Outcome
+) -> bool:
+    written = time.perf_counter()
     writer.write(payload)
     head = await reader.readuntil(b"\r\n\r\n")
     status_ok = head.startswith(b"HTTP/1.1 200")
@@ -52,6 +57,7 @@ async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, 
         if line.lower().startswith(b"content-length:"):
             length = int(line.split(b":", 1)[1])
     await reader.readexactly(length)
+    outcome.from_write.append(time.perf_counter() - written)
     return status_ok
 
 
@@ -81,7 +87,7 @@ async def _run(
                 connection = await asyncio.wait_for(
                     asyncio.open_connection(host, port, ssl=context, server_hostname=server_name), 10
                 )
-            ok = await asyncio.wait_for(_exchange(*connection, payload), 10)
+            ok = await asyncio.wait_for(_exchange(*connection, payload, outcome), 10)
             outcome.latencies.append(time.perf_counter() - due)
             if not ok:
                 outcome.errors += 1
@@ -132,6 +138,7 @@ def run(
     for _ in procs:
         part = queue.get(timeout=seconds + 60)
         merged.latencies += part.latencies
+        merged.from_write += part.from_write
         merged.errors += part.errors
         merged.sent += part.sent
     for proc in procs:
