@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterable
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -33,8 +34,13 @@ def log_review(result: ReviewResult, seconds: float) -> None:
     """One JSON line per review on stderr (written whole, so lines from workers don't interleave)."""
     fields = result.log_fields()
     fields["latencyMs"] = round(seconds * 1000, 3)
-    fields["ts"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    fields["ts"] = _timestamp(int(time.time()))
     os.write(2, msgspec.json.encode(fields) + b"\n")
+
+
+@lru_cache(maxsize=2)
+def _timestamp(second: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second))
 
 
 def _read_body(environ: WSGIEnvironment) -> bytes | ReviewResult:

@@ -7,6 +7,8 @@ several workers serve; the server does that before it loads the app.
 from __future__ import annotations
 
 import os
+from functools import cache
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
 
@@ -22,14 +24,20 @@ REWRITES = Counter("nix_flake_webhook_rewrites_total", "Container images rewritt
 DENIALS = Counter("nix_flake_webhook_denials_total", "Pods refused, by reason", ["reason"])
 
 
+@cache
+def _child(metric: Counter, label: str) -> Any:
+    # labels() validates and looks up on every call; the label values are a handful of words.
+    return metric.labels(label)
+
+
 def record(result: ReviewResult, seconds: float) -> None:
     """Count one answered review."""
-    ADMISSIONS.labels(result.outcome).inc()
+    _child(ADMISSIONS, result.outcome).inc()
     LATENCY.observe(seconds)
     for protocol in result.protocols:
-        REWRITES.labels(protocol).inc()
+        _child(REWRITES, protocol).inc()
     if result.outcome == "denied":
-        DENIALS.labels(result.reason).inc()
+        _child(DENIALS, result.reason).inc()
 
 
 def exposition() -> tuple[bytes, str]:
