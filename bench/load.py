@@ -30,6 +30,7 @@ from pathlib import Path
 
 from bench import openloop
 from bench.reviews import admission_body
+from tests.conftest import free_port, process_tree, rss_mib
 from webhook import certs
 
 SNI = "localhost"
@@ -48,15 +49,6 @@ def ensure_wrk() -> str:
     return found
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @dataclass
 class Server:
     proc: subprocess.Popen[bytes]
@@ -64,16 +56,10 @@ class Server:
     certs_dir: Path
 
     def pids(self) -> list[int]:
-        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
-        return [self.proc.pid, *map(int, children)]
+        return process_tree(self.proc.pid)
 
     def rss_mib(self) -> float:
-        total = 0
-        for pid in self.pids():
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-        return total / 1024
+        return rss_mib(self.pids())
 
     def cpu_seconds(self) -> float:
         ticks = os.sysconf("SC_CLK_TCK")

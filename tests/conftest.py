@@ -27,6 +27,21 @@ def free_port() -> int:
         return port
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its direct children (gunicorn's master and workers)."""
+    return [pid, *map(int, Path(f"/proc/{pid}/task/{pid}/children").read_text().split())]
+
+
+def rss_mib(pids: list[int]) -> float:
+    """Resident memory of ``pids`` together, in MiB."""
+    total = 0
+    for pid in pids:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1])
+    return total / 1024
+
+
 @dataclass
 class RunningServer:
     """A `nix-flake-webhook serve` process and what a client needs to reach it."""

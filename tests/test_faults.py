@@ -22,26 +22,15 @@ from pathlib import Path
 import pytest
 
 from tests.apiserver import ApiServerWebhookClient, WebhookCallFailed
-from tests.conftest import RunningServer, start_server, stop_server
+from tests.conftest import RunningServer, process_tree, rss_mib, start_server, stop_server
 from tests.pods import container, replicaset_pod
 from webhook import certs
 
 POD = replicaset_pod([container("redis", "")], {"nix-snapshotter/flake": "github:user/redis"})
 
 
-def rss_mib(server: RunningServer) -> float:
-    pids = [server.proc.pid, *worker_pids(server)]
-    total = 0
-    for pid in pids:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                total += int(line.split()[1])
-    return total / 1024
-
-
 def worker_pids(server: RunningServer) -> list[int]:
-    pid = server.proc.pid
-    return sorted(map(int, Path(f"/proc/{pid}/task/{pid}/children").read_text().split()))
+    return sorted(process_tree(server.proc.pid)[1:])
 
 
 @pytest.fixture
@@ -90,10 +79,10 @@ def hammer(server: RunningServer, requests: int, threads: int) -> list[str]:
 
 def test_soak_20000_admissions(own_server: RunningServer) -> None:
     assert hammer(own_server, 2000, 4) == []  # warm up: imports, caches, buffers
-    before = rss_mib(own_server)
+    before = rss_mib(process_tree(own_server.proc.pid))
     workers = worker_pids(own_server)
     assert hammer(own_server, 20000, 4) == []
-    after = rss_mib(own_server)
+    after = rss_mib(process_tree(own_server.proc.pid))
     assert after < before * 1.10, f"RSS grew from {before:.1f} to {after:.1f} MiB"
     assert worker_pids(own_server) == workers  # no worker died or was recycled
 

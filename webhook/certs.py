@@ -110,35 +110,46 @@ def _cert_pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
+_NO_USAGE = {
+    "digital_signature": False,
+    "content_commitment": False,
+    "key_encipherment": False,
+    "data_encipherment": False,
+    "key_agreement": False,
+    "key_cert_sign": False,
+    "crl_sign": False,
+    "encipher_only": False,
+    "decipher_only": False,
+}
+
+
+def _builder(
+    subject: x509.Name, issuer: x509.Name, key: PrivateKey, now: dt.datetime, not_after: dt.datetime, **usage: bool
+) -> x509.CertificateBuilder:
+    """What the CA and the serving certificate have in common: names, key, validity, key usage."""
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        # A little slack for clocks that run behind.
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(not_after)
+        .add_extension(x509.KeyUsage(**{**_NO_USAGE, **usage}), critical=True)
+    )
+
+
 def _make_ca(spec: CertSpec, now: dt.datetime) -> tuple[x509.Certificate, PrivateKey]:
     key = _new_key(spec.key_type)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"nix-flake-webhook CA {now:%Y-%m-%d %H:%M:%S}")])
     cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=spec.ca_days))
+        _builder(name, name, key, now, now + dt.timedelta(days=spec.ca_days), digital_signature=True,
+                 key_cert_sign=True, crl_sign=True)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                key_cert_sign=True,
-                crl_sign=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
-    )
+    )  # fmt: skip
     return cert, key
 
 
@@ -149,35 +160,17 @@ def _issue(
     dns, ips = spec.sans()
     general: list[x509.GeneralName] = [x509.DNSName(name) for name in dns]
     general += [x509.IPAddress(ip) for ip in ips]
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, spec.service_names[2])])
     not_after = min(now + dt.timedelta(days=spec.days), ca.not_valid_after_utc)
     cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, spec.service_names[2])]))
-        .issuer_name(ca.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(not_after)
+        _builder(subject, ca.subject, key, now, not_after, digital_signature=True,
+                 key_encipherment=spec.key_type == "rsa")
         .add_extension(x509.SubjectAlternativeName(general), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                key_encipherment=spec.key_type == "rsa",
-                content_commitment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA256())
-    )
+    )  # fmt: skip
     return cert, key
 
 
