@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
-from webhook.errors import EncodeError, ImageDecodeError, WebhookError
+from webhook.errors import EncodeError, ImageDecodeError
 from webhook.flakeref import FlakeRef, parse
 from webhook.imageref import MAX_NAME_LENGTH, path_problem
 
@@ -55,11 +55,6 @@ class Encoded:
     ref: FlakeRef
     dialect: str
     warnings: tuple[str, ...] = ()
-
-    @property
-    def url(self) -> str:
-        """The flake URL the node builds from ``image``."""
-        return decode(self.image, self.dialect)
 
 
 def is_flake_image(image: str) -> bool:
@@ -249,11 +244,3 @@ def _grammar_fix(dialect: str) -> str:
     if dialect == "seed":
         return "each '/'-separated part must start and end with a lowercase letter or digit; change the reference or use the hex dialect"
     return "each '/'-separated part must start and end with a lowercase letter or digit, and the hex dialect escapes every other character; change the reference"
-
-
-def encode_checked(ref: str, dialect: str) -> Encoded | WebhookError:
-    """``encode`` that returns the refusal as a value instead of raising it."""
-    try:
-        return encode(ref, dialect)
-    except WebhookError as err:
-        return err

@@ -133,10 +133,6 @@ class FlakeRef:
     def __str__(self) -> str:
         return self.prefix + self.body
 
-    def without_fragment(self) -> str:
-        text = str(self)
-        return text if self.fragment is None else text[: text.index("#")]
-
     @property
     def spans(self) -> tuple[Span, ...]:
         """The named parts of ``str(self)``, derived from the fields (only errors and folding need them)."""

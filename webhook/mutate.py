@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any
@@ -419,11 +418,3 @@ def _mapping(value: Any, where: str, what: str) -> dict[str, Any]:
         got = "nothing" if value is None else type(value).__name__
         raise _Refused("malformed", f"{where} must be {what}, not {got}")
     return value
-
-
-def describe(decision: Decision) -> Sequence[str]:
-    """One human line per container: what will happen and why."""
-    return [
-        f"{c.path} '{c.name}': {c.action} ({c.why})" + (f" -> {c.image}" if c.image else "")
-        for c in decision.containers
-    ]
