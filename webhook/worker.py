@@ -125,23 +125,10 @@ class WebhookWorker(GeventWorker):  # type: ignore[misc]
         """Answer POST /mutate requests until the connection ends (None) or needs gunicorn (the unread bytes)."""
         buffer = b""
         while True:
-            request = None
-            with gevent.Timeout(self.cfg.keepalive, False):
-                while True:
-                    try:
-                        request = parse_request(buffer)
-                        break
-                    except IncompleteError:
-                        if len(buffer) > MAX_HEAD_BYTES:
-                            return buffer
-                        chunk = tls.recv(RECV_BYTES)
-                        if not chunk:
-                            return None
-                        buffer += chunk
-                    except ValueError:  # gunicorn_h1c.ParseError: let gunicorn answer it properly
-                        return buffer
-            if request is None:
-                return None  # idle past keep-alive
+            request, read = self._read_head(tls, buffer)
+            if request is None or read is None:
+                return read  # None: closed or idle; bytes: for gunicorn
+            buffer = read
             length, close = _framing(request)
             if length is None:
                 return buffer
@@ -159,7 +146,11 @@ class WebhookWorker(GeventWorker):  # type: ignore[misc]
                 buffer += chunk
             if result is None:
                 body, buffer = buffer[request["consumed"] : end], buffer[end:]
-                result = endpoint.answer(body, start)
+                try:
+                    result = endpoint.answer(body, start)
+                except Exception:  # a bug must cost one request a 400, never the connection its answer
+                    self.log.exception("error answering POST /mutate")
+                    result = bad_request("internal error in nix-flake-webhook; please report it")
             close = close or not self.alive or result.status == 408
             tls.sendall(
                 b"HTTP/1.1 %s\r\nServer: nix-flake-webhook\r\n%sContent-Type: application/json\r\n"
@@ -174,6 +165,28 @@ class WebhookWorker(GeventWorker):  # type: ignore[misc]
             )
             if close:
                 return None
+
+    def _read_head(self, tls: ssl.SSLSocket, buffer: bytes) -> tuple[dict[str, Any] | None, bytes | None]:
+        """(the next request head, all bytes read); (None, bytes) for gunicorn to take; (None, None) when done.
+
+        Waits at most keep-alive for a request.  It does not stop waiting at SIGTERM: a client may be
+        writing the next POST right then, and a POST on a connection closed under it is not retried;
+        requests go on being answered, with ``Connection: close``, until the graceful timeout.
+        """
+        with gevent.Timeout(self.cfg.keepalive, False):
+            while True:
+                try:
+                    return parse_request(buffer), buffer
+                except IncompleteError:
+                    if len(buffer) > MAX_HEAD_BYTES:
+                        return None, buffer
+                except ValueError:  # gunicorn_h1c.ParseError: gunicorn answers it properly
+                    return None, buffer
+                chunk = tls.recv(RECV_BYTES)
+                if not chunk:
+                    break
+                buffer += chunk
+        return None, None  # closed by the client, or idle past keep-alive
 
 
 def _framing(request: dict[str, Any]) -> tuple[int | None, bool]:
