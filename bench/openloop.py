@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+import uvloop
+
 from bench.reviews import admission_body
 
 MAX_CONNECTIONS = 32  # per process
@@ -119,7 +121,7 @@ async def _run(
 
 
 def _worker(args: tuple[str, str, str, float, float, bool, float], queue: multiprocessing.Queue[Outcome]) -> None:
-    queue.put(asyncio.run(_run(*args)))
+    queue.put(uvloop.run(_run(*args)))
 
 
 def run(
