@@ -155,7 +155,11 @@ class WebhookServer(BaseApplication):  # type: ignore[misc]
             "accesslog": None,
             "errorlog": "-",
             "on_starting": lambda _arbiter: log.warning(
-                "serving TLS 1.2+ with %s and %s (reloaded when they change)", opts.certfile, opts.keyfile
+                "serving https://%s, TLS 1.2+ with %s and %s, reloaded when they change (gunicorn says "
+                "http:// below because the worker, not gunicorn, does the TLS)",
+                opts.bind,
+                opts.certfile,
+                opts.keyfile,
             ),
             "loglevel": "info",
             "proc_name": "nix-flake-webhook",
