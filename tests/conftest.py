@@ -66,14 +66,17 @@ class RunningServer:
         return self.log_path.read_text(errors="replace")
 
 
-def start_server(workdir: Path, *args: str, spec: certs.CertSpec | None = None) -> RunningServer:
+def start_server(
+    workdir: Path, *args: str, spec: certs.CertSpec | None = None, env: dict[str, str] | None = None
+) -> RunningServer:
     """Generate certificates with our own code, start the server, wait until /readyz answers over TLS."""
     certs_dir = workdir / "certs"
     certs.ensure(certs_dir, spec or certs.CertSpec())
     port = free_port()
     log_path = workdir / "server.log"
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    environment = dict(os.environ, PYTHONUNBUFFERED="1")
+    environment.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    environment.update(env or {})
     command = [
         sys.executable, "-m", "webhook.cli", "serve",
         "--bind", f"127.0.0.1:{port}",
@@ -82,7 +85,7 @@ def start_server(workdir: Path, *args: str, spec: certs.CertSpec | None = None) 
         *args,
     ]  # fmt: skip
     with log_path.open("wb") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment, start_new_session=True)
     server = RunningServer(proc, port, certs_dir, log_path)
     deadline = time.monotonic() + 30
     context = server.tls_context()
@@ -123,13 +126,16 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
 @pytest.fixture(scope="session")
 def strict_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     """The webhook in the hex dialect with an allow-list and a pull policy, set from the environment."""
-    os.environ["NIX_FLAKE_WEBHOOK_ALLOW_SOURCE"] = "github:myorg/*,git+https://git.example.com/*"
-    try:
-        running = start_server(
-            tmp_path_factory.mktemp("strict"), "--dialect", "hex", "--image-pull-policy", "Always", "--workers", "1"
-        )
-    finally:
-        del os.environ["NIX_FLAKE_WEBHOOK_ALLOW_SOURCE"]
+    workdir = tmp_path_factory.mktemp("strict")
+    running = start_server(
+        workdir,
+        "--dialect", "hex", "--image-pull-policy", "Always", "--workers", "1",
+        env={
+            "NIX_FLAKE_WEBHOOK_ALLOW_SOURCE": "github:myorg/*,git+https://git.example.com/*",
+            # As the Deployment sets it: a directory that does not exist yet.
+            "PROMETHEUS_MULTIPROC_DIR": str(workdir / "tmp" / "metrics"),
+        },
+    )  # fmt: skip
     yield running
     stop_server(running)
 

@@ -176,3 +176,14 @@ def test_certs_command_is_idempotent(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "created a new CA" in capsys.readouterr().out
     assert main(["certs", "--out", str(tmp_path)]) == 0
     assert "nothing to do" in capsys.readouterr().out
+
+
+def test_metrics_directory_is_created_and_emptied(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from webhook.server import prepare_metrics_dir
+
+    target = tmp_path / "metrics"
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(target))
+    assert prepare_metrics_dir() == target and target.is_dir()  # as in the Deployment: /tmp/metrics on an emptyDir
+    (target / "counter_123.db").write_bytes(b"stale")
+    prepare_metrics_dir()
+    assert list(target.iterdir()) == []

@@ -173,10 +173,22 @@ class WebhookServer(BaseApplication):  # type: ignore[misc]
         return create_app(self.settings, ready=lambda: self.reloader.loaded)
 
 
-def prepare_metrics_dir() -> None:
-    """Give prometheus_client a fresh multiprocess directory unless one is configured."""
-    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="nix-flake-webhook-metrics-")
+def prepare_metrics_dir() -> Path:
+    """A multiprocess directory for prometheus_client: the configured one, created and emptied, or a new one.
+
+    Emptied because files left by a previous run (a restarted container keeps its emptyDir) would be
+    read as live workers' values.
+    """
+    configured = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not configured:
+        directory = Path(tempfile.mkdtemp(prefix="nix-flake-webhook-metrics-"))
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
+        return directory
+    directory = Path(configured)
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.glob("*.db"):
+        stale.unlink()
+    return directory
 
 
 def serve(options: ServeOptions, settings: Settings) -> None:
