@@ -1,9 +1,11 @@
 """The WSGI application: POST /mutate, /healthz, /readyz, /metrics.  No decisions here.
 
-POST /mutate is served by a small WSGI handler in front of Flask: it is the
-only hot path, and Flask's request context costs several times what the
-whole admission decision does (bench/RESULTS.md).  Everything else, errors
-included, goes through Flask.
+POST /mutate is served by :class:`MutateEndpoint`, not by a Flask view: it
+is the only hot path, and Flask's request context costs several times what
+the whole admission decision does (bench/RESULTS.md).  The endpoint sits in
+front of Flask as WSGI middleware, and the worker (webhook/worker.py) calls
+its ``answer`` directly on its lean path.  Everything else, errors included,
+goes through Flask.
 """
 
 from __future__ import annotations
