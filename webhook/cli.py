@@ -313,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
             "Kubernetes mutating admission webhook for nix-snapshotter: turns flake references written in pod "
             "annotations or images into flake-*:0/... images a node can decode and build."
         ),
-        epilog=f"Every option can also be set from the environment as {ENV_PREFIX}<OPTION> (shown per option).",
+        epilog=f"Options whose help names an {ENV_PREFIX}... variable can also be set from the environment.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
