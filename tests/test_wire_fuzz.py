@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import copy
 import json
+import socket
+import ssl
 from typing import Any
 
 import jsonpatch
@@ -120,4 +122,74 @@ def test_live_server_never_breaks(server: RunningServer, body: bytes) -> None:
     finally:
         client.close()
     check_answer(body, status, answer)
+    assert server.proc.poll() is None
+
+
+def _read_response(tls: ssl.SSLSocket) -> bytes:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = tls.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    length = next(
+        (int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")), 0
+    )
+    while len(rest) < length:
+        chunk = tls.recv(65536)
+        if not chunk:
+            break
+        rest += chunk
+    return head
+
+
+@st.composite
+def http_requests(draw: st.DrawFn) -> bytes:
+    """Complete, well-framed HTTP/1.x requests of every shape the worker may meet."""
+    method = draw(st.sampled_from([b"POST", b"GET", b"PUT", b"post", b"OPTIONS"]))
+    path = draw(st.sampled_from([b"/mutate", b"/mutate?timeout=10s", b"/healthz", b"/metrics", b"/nope", b"/mutate/x"]))
+    version = draw(st.sampled_from([b"HTTP/1.1", b"HTTP/1.1", b"HTTP/1.0"]))
+    body = draw(st.one_of(st.just(json.dumps(base_review()).encode()), st.binary(max_size=64)))
+    headers = [b"Host: x", b"Content-Type: " + draw(st.sampled_from([b"application/json", b"text/plain"]))]
+    extra = draw(
+        st.lists(
+            st.sampled_from([b"Expect: 100-continue", b"Connection: keep-alive", b"X-A: b", b"Content-Length: 1"]),
+            max_size=2,
+            unique=True,
+        )
+    )
+    if b"Content-Length: 1" in extra:
+        return (
+            b" ".join([method, path, version])
+            + b"\r\n"
+            + b"\r\n".join([*headers, b"Content-Length: 1", b"Content-Length: 2"])
+            + b"\r\n\r\nab"
+        )
+    headers += [h for h in extra if not h.startswith(b"Content-Length")]
+    if draw(st.booleans()) and version == b"HTTP/1.1":
+        headers.append(b"Transfer-Encoding: chunked")
+        framed = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body) if body else b"0\r\n\r\n"
+    else:
+        headers.append(b"Content-Length: %d" % len(body))
+        framed = body
+    return b" ".join([method, path, version]) + b"\r\n" + b"\r\n".join(headers) + b"\r\n\r\n" + framed
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.lists(http_requests(), min_size=1, max_size=3))
+def test_any_well_framed_request_gets_a_non_5xx_answer(server: RunningServer, requests: list[bytes]) -> None:
+    """Through the worker's lean path and its hand-over to gunicorn, on one connection."""
+    context = server.tls_context()
+    context.check_hostname = False
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw, context.wrap_socket(raw) as tls:
+        for request in requests:
+            tls.sendall(request)
+            head = _read_response(tls)
+            if not head:
+                break  # the server closed (a framing error it answered before, or Connection: close)
+            status = head.split(b" ", 2)[1]
+            assert status.isdigit() and not status.startswith(b"5"), head
+            if b"connection: close" in head.lower():
+                break
     assert server.proc.poll() is None
