@@ -20,18 +20,15 @@ import json
 import os
 import platform
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from bench import openloop
 from bench.reviews import admission_body
-from tests.conftest import free_port, process_tree, rss_mib
-from webhook import certs
+from tests.conftest import RunningServer, process_tree, rss_mib, start_server, stop_server
 
 SNI = "localhost"
 
@@ -51,12 +48,20 @@ def ensure_wrk() -> str:
 
 @dataclass
 class Server:
-    proc: subprocess.Popen[bytes]
-    port: int
-    certs_dir: Path
+    """A running server under test, with what the tables report about it."""
+
+    running: RunningServer
+
+    @property
+    def port(self) -> int:
+        return self.running.port
+
+    @property
+    def certs_dir(self) -> Path:
+        return self.running.certs_dir
 
     def pids(self) -> list[int]:
-        return process_tree(self.proc.pid)
+        return process_tree(self.running.proc.pid)
 
     def rss_mib(self) -> float:
         return rss_mib(self.pids())
@@ -70,35 +75,13 @@ class Server:
         return total / ticks
 
     def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(30)
+        stop_server(self.running)
 
 
 def start(kind: str, workdir: Path) -> Server:
-    certs_dir = workdir / "certs"
-    certs.ensure(certs_dir, certs.CertSpec())
-    port = free_port()
-    common = ["--bind", f"127.0.0.1:{port}", "--cert", str(certs_dir / "tls.crt"), "--key", str(certs_dir / "tls.key")]
-    if kind == "webhook":
-        command = [sys.executable, "-m", "webhook.cli", "serve", *common]
-    else:
-        command = [sys.executable, "-m", "bench.baseline", *common]
-    log = (workdir / f"{kind}.log").open("wb")
-    # The review log lines go to a file, as they would to a container runtime's log pipe.
-    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    server = Server(proc, port, certs_dir)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        result = (
-            subprocess.run(["curl", "-sk", f"https://127.0.0.1:{port}/healthz"], capture_output=True, check=False)
-            if shutil.which("curl")
-            else None
-        )
-        if result is not None and result.returncode == 0:
-            break
-        time.sleep(0.2)
-    time.sleep(1)
-    return server
+    """The webhook as `nix-flake-webhook serve`, or the baseline; the review log goes to a file, as to a runtime's pipe."""
+    program = ("webhook.cli", "serve") if kind == "webhook" else ("bench.baseline",)
+    return Server(start_server(workdir / kind, program=program))
 
 
 LUA = """

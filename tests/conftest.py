@@ -67,18 +67,22 @@ class RunningServer:
 
 
 def start_server(
-    workdir: Path, *args: str, spec: certs.CertSpec | None = None, env: dict[str, str] | None = None
+    workdir: Path,
+    *args: str,
+    spec: certs.CertSpec | None = None,
+    env: dict[str, str] | None = None,
+    program: tuple[str, ...] = ("webhook.cli", "serve"),
 ) -> RunningServer:
     """Generate certificates with our own code, start the server, wait until /readyz answers over TLS."""
     certs_dir = workdir / "certs"
     certs.ensure(certs_dir, spec or certs.CertSpec())
     port = free_port()
-    log_path = workdir / "server.log"
+    log_path = workdir / f"{program[0]}.log"
     environment = dict(os.environ, PYTHONUNBUFFERED="1")
     environment.pop("PROMETHEUS_MULTIPROC_DIR", None)
     environment.update(env or {})
     command = [
-        sys.executable, "-m", "webhook.cli", "serve",
+        sys.executable, "-m", *program,
         "--bind", f"127.0.0.1:{port}",
         "--cert", str(certs_dir / certs.TLS_CERT),
         "--key", str(certs_dir / certs.TLS_KEY),
