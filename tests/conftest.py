@@ -58,8 +58,10 @@ class RunningServer:
     def client(self) -> ApiServerWebhookClient:
         return ApiServerWebhookClient(self.port, self.ca_bundle)
 
-    def tls_context(self) -> ssl.SSLContext:
+    def tls_context(self, check_hostname: bool = True) -> ssl.SSLContext:
+        """Trusts the server's CA; without ``check_hostname`` for connections by IP (the chain is still verified)."""
         context = ssl.create_default_context(cadata=self.ca_bundle.decode())
+        context.check_hostname = check_hostname
         return context
 
     def log(self) -> str:

@@ -52,8 +52,7 @@ def hammer(server: RunningServer, requests: int, threads: int) -> list[str]:
     uid = review["request"]["uid"].encode()
 
     def work() -> None:
-        context = server.tls_context()
-        context.check_hostname = False
+        context = server.tls_context(check_hostname=False)
         conn = http.client.HTTPSConnection("127.0.0.1", server.port, context=context, timeout=10)
         try:
             for _ in range(requests // threads):
@@ -88,8 +87,7 @@ def test_soak_20000_admissions(own_server: RunningServer) -> None:
 
 
 def _timed_get(server: RunningServer, path: str) -> float:
-    context = server.tls_context()
-    context.check_hostname = False
+    context = server.tls_context(check_hostname=False)
     start = time.perf_counter()
     conn = http.client.HTTPSConnection("127.0.0.1", server.port, context=context, timeout=5)
     conn.request("GET", path)
@@ -99,8 +97,7 @@ def _timed_get(server: RunningServer, path: str) -> float:
 
 
 def test_slow_and_idle_clients_do_not_delay_others(own_server: RunningServer) -> None:
-    context = own_server.tls_context()
-    context.check_hostname = False
+    context = own_server.tls_context(check_hostname=False)
     held: list[socket.socket] = []
     try:
         body = json.dumps(ApiServerWebhookClient.review_for(POD)).encode()
@@ -142,8 +139,7 @@ def test_sigterm_answers_every_accepted_request(own_server: RunningServer) -> No
 
     def work() -> None:
         nonlocal refused
-        context = own_server.tls_context()
-        context.check_hostname = False
+        context = own_server.tls_context(check_hostname=False)
         conn: http.client.HTTPSConnection | None = None
         while not stop.is_set():
             if conn is None:
@@ -230,8 +226,7 @@ def test_certificate_rotation_under_load(own_server: RunningServer) -> None:
 
 def test_garbage_kills_no_worker(own_server: RunningServer) -> None:
     workers = worker_pids(own_server)
-    context = own_server.tls_context()
-    context.check_hostname = False
+    context = own_server.tls_context(check_hostname=False)
     payloads = [
         b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
         b'POST /mutate HTTP/1.1\r\nContent-Length: 5\r\n\r\n{"a"',

@@ -157,16 +157,10 @@ def test_wrong_content_type_still_answers(apiserver: ApiServerWebhookClient) -> 
 
 
 def test_get_on_mutate_is_a_json_405(server: RunningServer) -> None:
-    conn = http.client.HTTPSConnection("127.0.0.1", server.port, context=_localhost_context(server))
+    conn = http.client.HTTPSConnection("127.0.0.1", server.port, context=server.tls_context(check_hostname=False))
     conn.request("GET", "/mutate")
     response = conn.getresponse()
     assert response.status == 405 and json.loads(response.read())["code"] == 405
-
-
-def _localhost_context(server: RunningServer) -> ssl.SSLContext:
-    context = server.tls_context()
-    context.check_hostname = False  # connecting by IP; the chain is still verified
-    return context
 
 
 def _handshake(server: RunningServer, sni: str, context: ssl.SSLContext | None = None) -> ssl.SSLSocket:
@@ -188,7 +182,7 @@ def test_tls_names_and_versions(server: RunningServer) -> None:
 
 def test_metrics_count_across_workers(server: RunningServer) -> None:
     def total() -> float:
-        conn = http.client.HTTPSConnection("127.0.0.1", server.port, context=_localhost_context(server))
+        conn = http.client.HTTPSConnection("127.0.0.1", server.port, context=server.tls_context(check_hostname=False))
         conn.request("GET", "/metrics")
         text = conn.getresponse().read().decode()
         conn.close()
@@ -231,7 +225,7 @@ def _raw_exchange(server: RunningServer, payload: bytes, responses: int) -> list
     """Write ``payload`` on one TLS connection and read ``responses`` HTTP responses back."""
     with (
         socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw,
-        _localhost_context(server).wrap_socket(raw, server_hostname="localhost") as tls,
+        server.tls_context(check_hostname=False).wrap_socket(raw, server_hostname="localhost") as tls,
     ):
         tls.sendall(payload)
         reader = tls.makefile("rb")
@@ -291,7 +285,7 @@ def test_connection_close_is_honoured(server: RunningServer, apiserver: ApiServe
     body, uid = _review_body(apiserver)
     with (
         socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw,
-        _localhost_context(server).wrap_socket(raw, server_hostname="localhost") as tls,
+        server.tls_context(check_hostname=False).wrap_socket(raw, server_hostname="localhost") as tls,
     ):
         tls.sendall(_post(body, b"Connection: close\r\n"))
         data = b""

@@ -180,8 +180,7 @@ def http_requests(draw: st.DrawFn) -> bytes:
 @given(st.lists(http_requests(), min_size=1, max_size=3))
 def test_any_well_framed_request_gets_a_non_5xx_answer(server: RunningServer, requests: list[bytes]) -> None:
     """Through the worker's lean path and its hand-over to gunicorn, on one connection."""
-    context = server.tls_context()
-    context.check_hostname = False
+    context = server.tls_context(check_hostname=False)
     with socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw, context.wrap_socket(raw) as tls:
         for request in requests:
             tls.sendall(request)

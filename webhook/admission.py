@@ -204,7 +204,7 @@ def review(body: bytes, settings: Settings) -> ReviewResult:
         operation=_text(request.get("operation")),
         dry_run=request.get("dryRun") is True,
         reason=decision.refusal.reason if decision.refusal else "",
-        protocols=tuple(c.protocol or "" for c in decision.containers if c.action == "rewritten"),
+        protocols=decision.rewritten_protocols,
     )
 
 

@@ -14,7 +14,6 @@ import datetime as dt
 import ipaddress
 import os
 import tempfile
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -310,8 +309,3 @@ def ca_bundle(out: Path, now: dt.datetime | None = None) -> bytes:
         if old.not_valid_after_utc > now and old != x509.load_pem_x509_certificate(bundle):
             bundle = bundle.rstrip(b"\n") + b"\n" + _cert_pem(old)
     return bundle
-
-
-def spec_from(service: str, namespace: str, sans: Sequence[str], key_type: str, renew_days: int) -> CertSpec:
-    """A CertSpec from command-line values."""
-    return CertSpec(service, namespace, tuple(sans), key_type, renew_before=dt.timedelta(days=renew_days))

@@ -180,7 +180,7 @@ def cmd_certs(args: argparse.Namespace) -> int:
         for problem in report.problems:
             print(f"problem:   {problem}", file=sys.stderr)
         return 1 if report.problems else 0
-    spec = certs.spec_from(args.service, args.namespace, args.san, args.key_type, args.renew_before)
+    spec = certs.CertSpec(args.service, args.namespace, tuple(args.san), args.key_type, renew_before=renew)
     try:
         result = certs.ensure(out, spec)
     except (OSError, ValueError) as err:
@@ -306,6 +306,22 @@ def add_cluster_options(parser: argparse.ArgumentParser) -> None:
     env_option(parser, "--service", DEFAULT_SERVICE, "name of the webhook's Service")
 
 
+Subparsers = argparse._SubParsersAction  # argparse's own type for add_subparsers()
+
+
+def _command(
+    sub: Subparsers[argparse.ArgumentParser],
+    name: str,
+    func: Callable[[argparse.Namespace], int],
+    summary: str,
+    description: str,
+) -> argparse.ArgumentParser:
+    """A subcommand that runs ``func``; ``summary`` shows in the command list, ``description`` in its --help."""
+    parser = sub.add_parser(name, help=summary, description=description)
+    parser.set_defaults(func=func)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nix-flake-webhook",
@@ -317,49 +333,49 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    enc = sub.add_parser(
+    enc = _command(
+        sub,
         "encode",
-        help="encode flake references into node images",
-        description="Print one image per flake reference (read from stdin, one per line, when none are given). "
+        cmd_encode,
+        "encode flake references into node images",
+        "Print one image per flake reference (read from stdin, one per line, when none are given). "
         "Exit 1 when any reference is refused; the reason goes to stderr.",
     )
     add_dialect_option(enc)
     enc.add_argument("refs", nargs="*", metavar="REF", help="flake reference, e.g. github:user/redis")
-    enc.set_defaults(func=cmd_encode)
 
-    dec = sub.add_parser(
+    dec = _command(
+        sub,
         "decode",
-        help="decode node images back into the flake URL the node builds",
-        description="Print the flake URL a node of the chosen dialect builds for each image "
+        cmd_decode,
+        "decode node images back into the flake URL the node builds",
+        "Print the flake URL a node of the chosen dialect builds for each image "
         "(read from stdin when none are given). Exit 1 when a node would refuse an image.",
     )
     add_dialect_option(dec)
     dec.add_argument("images", nargs="*", metavar="IMAGE", help="image such as flake-github:0/user/redis")
-    dec.set_defaults(func=cmd_decode)
 
-    srv = sub.add_parser(
+    srv = _command(
+        sub,
         "serve",
-        help="serve the admission webhook over TLS",
-        description="Serve POST /mutate, /healthz, /readyz and /metrics over TLS with gunicorn (gevent workers). "
+        cmd_serve,
+        "serve the admission webhook over TLS",
+        "Serve POST /mutate, /healthz, /readyz and /metrics over TLS with gunicorn (gevent workers). "
         "When the default certs/tls.crt and certs/tls.key are both missing, development certificates are "
         "generated there first. A renewed certificate on disk is picked up without a restart.",
     )
     env_option(srv, "--bind", "0.0.0.0:8443", "address to listen on", metavar="HOST:PORT")
     env_option(srv, "--cert", "certs/tls.crt", "TLS certificate (PEM)", metavar="FILE")
     env_option(srv, "--key", "certs/tls.key", "TLS private key (PEM)", metavar="FILE")
-    srv.add_argument(
-        "--workers",
-        type=int,
-        default=int(env_default("workers", "2")),
-        help=env_help("workers", "gunicorn worker processes (one per core)"),
-    )
+    env_option(srv, "--workers", "2", "gunicorn worker processes (one per core)", type=int)
     add_policy_options(srv)
-    srv.set_defaults(func=cmd_serve)
 
-    crt = sub.add_parser(
+    crt = _command(
+        sub,
         "certs",
-        help="create or renew the CA and serving certificate; 'certs check' inspects them",
-        description="Without an action: create a CA (reused when present) and a serving certificate signed by it, "
+        cmd_certs,
+        "create or renew the CA and serving certificate; 'certs check' inspects them",
+        "Without an action: create a CA (reused when present) and a serving certificate signed by it, "
         "renewing the latter only when it is missing, does not cover the requested names, or expires within "
         "--renew-before days. 'check': print subject, SANs, issuer and days to expiry; exit 1 when the pair "
         "does not match, the chain does not verify, or expiry is near.",
@@ -384,12 +400,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DAYS",
         help="renew (or warn, with check) this many days before expiry [default: %(default)s]",
     )
-    crt.set_defaults(func=cmd_certs)
 
-    reg = sub.add_parser(
+    reg = _command(
+        sub,
         "register",
-        help="create or update the TLS Secret and the MutatingWebhookConfiguration in a cluster",
-        description="Ensure certificates for the Service in --certs-dir (CA reused, serving certificate renewed "
+        cmd_register,
+        "create or update the TLS Secret and the MutatingWebhookConfiguration in a cluster",
+        "Ensure certificates for the Service in --certs-dir (CA reused, serving certificate renewed "
         "when due), then server-side apply (field manager nix-flake-webhook) the kubernetes.io/tls Secret and "
         "the MutatingWebhookConfiguration from manifests/base with caBundle set. While the CA rolls over the "
         "bundle carries the old CA too. Objects already up to date are left alone. Apply manifests/base first.",
@@ -397,22 +414,24 @@ def build_parser() -> argparse.ArgumentParser:
     add_cluster_options(reg)
     env_option(reg, "--certs-dir", "certs", "where the CA and serving certificate live", metavar="DIR")
     reg.add_argument("--dry-run", action="store_true", help="print the objects as YAML instead of touching the cluster")
-    reg.set_defaults(func=cmd_register)
 
-    unreg = sub.add_parser(
+    unreg = _command(
+        sub,
         "unregister",
-        help="delete the MutatingWebhookConfiguration (and the TLS Secret)",
-        description="Delete the webhook configuration first, so the API server stops calling the webhook, "
+        cmd_unregister,
+        "delete the MutatingWebhookConfiguration (and the TLS Secret)",
+        "Delete the webhook configuration first, so the API server stops calling the webhook, "
         "then the TLS Secret unless --keep-secret. Objects already gone are not an error.",
     )
     add_cluster_options(unreg)
     unreg.add_argument("--keep-secret", action="store_true", help="leave the TLS Secret in place")
-    unreg.set_defaults(func=cmd_unregister)
 
-    dry = sub.add_parser(
+    dry = _command(
+        sub,
         "dry-run",
-        help="show what the webhook will make of manifests, offline or through a live webhook",
-        description="Read YAML or JSON (files or stdin; several documents, kind: List) and apply to every Pod, "
+        cmd_dry_run,
+        "show what the webhook will make of manifests, offline or through a live webhook",
+        "Read YAML or JSON (files or stdin; several documents, kind: List) and apply to every Pod, "
         "and to the pod template of every Deployment, StatefulSet, DaemonSet, ReplicaSet, "
         "ReplicationController, Job, CronJob and PodTemplate, exactly what the webhook does to the pods "
         "created from them. Other kinds pass through unchanged. Warnings and refusals go to stderr. "
@@ -440,18 +459,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="TLS server name to present and verify, e.g. nix-flake-webhook.nix-flake-webhook.svc [default: the URL's host]",
     )
     add_policy_options(dry)
-    dry.set_defaults(func=cmd_dry_run)
 
-    exp = sub.add_parser(
+    exp = _command(
+        sub,
         "explain",
-        help="say, per container, what the webhook will do and why",
-        description="For every container of every pod and pod template in the files: rewritten, kept with a "
+        cmd_explain,
+        "say, per container, what the webhook will do and why",
+        "For every container of every pod and pod template in the files: rewritten, kept with a "
         "recovery annotation, left alone, or refused, and which annotation or image decided it. "
         "Exit codes as for dry-run.",
     )
     exp.add_argument("files", nargs="*", metavar="FILE", help="manifest files; '-' or none reads stdin")
     add_policy_options(exp)
-    exp.set_defaults(func=cmd_explain)
     return parser
 
 

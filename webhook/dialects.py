@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from webhook.errors import EncodeError, ImageDecodeError
-from webhook.flakeref import FlakeRef, parse
+from webhook.flakeref import FlakeRef, parse, url_prefix
 from webhook.imageref import MAX_NAME_LENGTH, path_problem
 
 #: Image domain (registry host with port 0) for each flake URL scheme.
@@ -30,9 +30,7 @@ DOMAINS = {
     "git+http": "flake-git-http:0",
     "git+ssh": "flake-git-ssh:0",
 }
-_SCHEMES = {domain + "/": scheme for scheme, domain in DOMAINS.items()}
 _SCHEME_OF_DOMAIN = {domain: scheme for scheme, domain in DOMAINS.items()}
-_PREFIX = {"github": "github:"} | {s: s + "://" for s in DOMAINS if s != "github"}
 _LATEST = ":latest"
 
 _SEED_ESCAPES = (("@", "--at--"), ("?", "--q--"), ("=", "--eq--"), ("&", "--amp--"))
@@ -59,7 +57,8 @@ class Encoded:
 
 def is_flake_image(image: str) -> bool:
     """True when ``image`` uses one of the six ``flake-*:0/`` node protocols."""
-    return image.startswith("flake-") and any(image.startswith(prefix) for prefix in _SCHEMES)
+    domain, slash, _ = image.partition("/")
+    return bool(slash) and domain in _SCHEME_OF_DOMAIN
 
 
 def seed_escape(body: str) -> str:
@@ -75,7 +74,9 @@ def _split_image(image: str) -> tuple[str, str]:
     scheme = _SCHEME_OF_DOMAIN.get(domain)
     if scheme is not None:
         return scheme, path.removesuffix(_LATEST)
-    raise ImageDecodeError(f"'{image}' does not start with one of the node protocols ({', '.join(_SCHEMES)})")
+    raise ImageDecodeError(
+        f"'{image}' does not start with one of the node protocols ({', '.join(d + '/' for d in DOMAINS.values())})"
+    )
 
 
 def _decode_seed(image: str) -> str:
@@ -87,7 +88,7 @@ def _decode_seed(image: str) -> str:
         )
     for char, token in _SEED_ESCAPES:
         path = path.replace(token, char)
-    return _PREFIX[scheme] + path
+    return url_prefix(scheme) + path
 
 
 def _decode_hex(image: str) -> str:
@@ -96,7 +97,7 @@ def _decode_hex(image: str) -> str:
         raise ImageDecodeError(f"a hex node refuses '{image}': the path after the protocol is empty")
     raw = _HEX_TOKEN_RE.sub(lambda match: _HEX_BYTES[match.group(1)], path.encode())
     try:
-        url = _PREFIX[scheme] + raw.decode("utf-8")
+        url = url_prefix(scheme) + raw.decode("utf-8")
     except UnicodeDecodeError as err:
         raise ImageDecodeError(
             f"a hex node refuses '{image}': its --xHH-- escapes are not valid UTF-8 ({err.reason})"

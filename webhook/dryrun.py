@@ -170,7 +170,7 @@ def process(document: Document, decide: Decide) -> Document:
         document.sites.append(PodSite(pointer, label, verdict))
         if verdict.refusal is None and verdict.patch:
             ops = [dict(op, path=pointer + op["path"]) for op in verdict.patch]
-            result = jsonpatch.apply_patch(result, ops)
+            result = jsonpatch.apply_patch(result, ops, in_place=True)  # result is already our own copy
     document.result = result
     return document
 

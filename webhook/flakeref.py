@@ -123,7 +123,7 @@ class FlakeRef:
 
     @property
     def prefix(self) -> str:
-        return "github:" if self.scheme == "github" else self.scheme + "://"
+        return url_prefix(self.scheme)
 
     @property
     def kind(self) -> str:
@@ -201,6 +201,11 @@ class FlakeRef:
         )
         folded = replace(self, body=body, owner=self.owner.lower(), repo=self.repo.lower(), host=self.host.lower())
         return folded, warnings
+
+
+def url_prefix(scheme: str) -> str:
+    """What a flake URL of ``scheme`` starts with: ``github:`` or ``SCHEME://``."""
+    return "github:" if scheme == "github" else scheme + "://"
 
 
 def looks_like_flake_ref(text: str) -> bool:

@@ -79,8 +79,9 @@ class Decision:
         return self.refusal is None
 
     @property
-    def rewritten(self) -> tuple[ContainerOutcome, ...]:
-        return tuple(c for c in self.containers if c.action in ("rewritten", "recovery"))
+    def rewritten_protocols(self) -> tuple[str, ...]:
+        """The flake protocol of each container whose image is rewritten (for metrics)."""
+        return tuple(c.protocol or "" for c in self.containers if c.action == "rewritten")
 
 
 NOTHING_TO_DO = Decision()

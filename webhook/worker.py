@@ -156,7 +156,7 @@ class WebhookWorker(GeventWorker):  # type: ignore[misc]
                 b"HTTP/1.1 %s\r\nServer: nix-flake-webhook\r\n%sContent-Type: application/json\r\n"
                 b"Content-Length: %d\r\n%s\r\n%s"
                 % (
-                    _status_bytes(result.status),
+                    status_line(result.status).encode(),
                     _Date.header(),
                     len(result.body),
                     b"Connection: close\r\n" if close else b"",
@@ -211,7 +211,3 @@ def _framing(request: dict[str, Any]) -> tuple[int | None, bool]:
     if length is None or length > MAX_BODY_BYTES:
         return None, False
     return length, close
-
-
-def _status_bytes(status: int) -> bytes:
-    return status_line(status).encode()
