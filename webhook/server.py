@@ -28,6 +28,7 @@ from typing import Any
 
 from gunicorn.app.base import BaseApplication
 
+from webhook.balance import ConnectionTable
 from webhook.mutate import Settings
 
 log = logging.getLogger("nix_flake_webhook.server")
@@ -118,6 +119,8 @@ class WebhookServer(BaseApplication):  # type: ignore[misc]
         self.options = options
         self.settings = settings
         self.reloader = CertificateReloader(options.certfile, options.keyfile)
+        # Room for a full set of replacement workers next to draining ones (a HUP).
+        self.connections = ConnectionTable(2 * options.workers + 2)
         super().__init__()
 
     def load_config(self) -> None:
@@ -129,10 +132,15 @@ class WebhookServer(BaseApplication):  # type: ignore[misc]
             gc.collect()
             gc.freeze()
 
+        def pre_fork(_arbiter: Any, worker: Any) -> None:
+            worker.connection_slot = self.connections.claim()
+
         def child_exit(_server: Any, worker: Any) -> None:
             from webhook import metrics
 
             metrics.mark_process_dead(worker.pid)
+            if worker.connection_slot is not None:
+                self.connections.release(worker.connection_slot)
 
         config = {
             "bind": [opts.bind],
@@ -143,6 +151,7 @@ class WebhookServer(BaseApplication):  # type: ignore[misc]
             "keepalive": KEEPALIVE_SECONDS,
             "timeout": 30,
             "graceful_timeout": opts.graceful_timeout,
+            "pre_fork": pre_fork,
             "child_exit": child_exit,
             "when_ready": when_ready,
             # No proxy sits in front of us and nothing reads the scheme or forwarded headers: trust
