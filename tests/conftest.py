@@ -74,8 +74,9 @@ def start_server(
     spec: certs.CertSpec | None = None,
     env: dict[str, str] | None = None,
     program: tuple[str, ...] = ("webhook.cli", "serve"),
+    wait: bool = True,
 ) -> RunningServer:
-    """Generate certificates with our own code, start the server, wait until /readyz answers over TLS."""
+    """Generate certificates with our own code, start the server, wait until /readyz answers over TLS (if ``wait``)."""
     certs_dir = workdir / "certs"
     certs.ensure(certs_dir, spec or certs.CertSpec())
     port = free_port()
@@ -93,6 +94,8 @@ def start_server(
     with log_path.open("wb") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment, start_new_session=True)
     server = RunningServer(proc, port, certs_dir, log_path)
+    if not wait:
+        return server
     deadline = time.monotonic() + 30
     context = server.tls_context()
     while time.monotonic() < deadline:
@@ -100,7 +103,7 @@ def start_server(
             raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log()}")
         with (
             contextlib.suppress(OSError),
-            socket.create_connection(("127.0.0.1", port), timeout=2) as raw,
+            socket.create_connection(("127.0.0.1", server.port), timeout=2) as raw,
             context.wrap_socket(raw, server_hostname="localhost") as tls,
         ):
             tls.sendall(b"GET /readyz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")

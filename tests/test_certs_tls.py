@@ -24,6 +24,21 @@ def test_server_context_refuses_old_tls(tmp_path: Path) -> None:
     assert context.minimum_version == ssl.TLSVersion.TLSv1_2
 
 
+def test_server_issues_no_session_tickets(server: RunningServer) -> None:
+    """The API server never resumes, so the server spends nothing on tickets (TLS 1.3 and 1.2)."""
+    for version in (ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2):
+        context = server.tls_context()
+        context.minimum_version = context.maximum_version = version
+        with (
+            socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw,
+            context.wrap_socket(raw, server_hostname="localhost") as tls,
+        ):
+            tls.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            assert tls.recv(64).startswith(b"HTTP/1.1 200")  # TLS 1.3 tickets arrive before the answer
+            assert tls.version() == version.name.replace("v1_", "v1.")
+            assert tls.session is not None and not tls.session.has_ticket
+
+
 def test_reloader_keeps_last_good_pair_during_a_torn_rotation(tmp_path: Path) -> None:
     certs.ensure(tmp_path, certs.CertSpec())
     reloader = CertificateReloader(tmp_path / certs.TLS_CERT, tmp_path / certs.TLS_KEY, check_interval=0)

@@ -129,6 +129,23 @@ def test_slow_and_idle_clients_do_not_delay_others(own_server: RunningServer) ->
                 sock.close()
 
 
+def test_sigterm_while_workers_start_stops_at_once(tmp_path: Path) -> None:
+    """A pod deleted as it starts: the workers are forked but still setting up (gevent's patching)."""
+    server = start_server(tmp_path, wait=False)
+    try:
+        deadline = time.monotonic() + 20
+        while len(process_tree(server.proc.pid)) < 3 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert len(process_tree(server.proc.pid)) == 3, server.log()
+        start = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        server.proc.wait(20)
+        # The graceful timeout is 25 s: a worker that lost the signal is only killed after it.
+        assert time.monotonic() - start < 5, server.log()
+    finally:
+        stop_server(server)
+
+
 def test_sigterm_answers_every_accepted_request(own_server: RunningServer) -> None:
     answered: list[int] = []
     failures: list[str] = []

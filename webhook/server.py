@@ -68,6 +68,10 @@ class CertificateReloader:
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         context.load_cert_chain(str(self.certfile), str(self.keyfile))
         context.set_alpn_protocols(["http/1.1"])
+        # kube-apiserver's client (client-go) keeps no TLS session cache, so session tickets would
+        # never be used: issuing them costs every handshake about 45 of 370 µs of server CPU.
+        context.num_tickets = 0
+        context.options |= ssl.OP_NO_TICKET
         return context
 
     def context(self) -> ssl.SSLContext | None:

@@ -27,6 +27,7 @@ worker doesn't carry the API server's whole pool while the other idles.
 
 from __future__ import annotations
 
+import signal
 import socket
 import ssl
 import time
@@ -130,6 +131,13 @@ class _BalancedServer(StreamServer):  # type: ignore[misc]
 
 class WebhookWorker(GeventWorker):  # type: ignore[misc]
     """GeventWorker with its own TLS under deadlines, a lean path for POST /mutate and balanced accepts."""
+
+    def init_process(self) -> None:
+        # Until gunicorn installs this worker's signal handlers, after gevent's patching, the
+        # master's are still in place and swallow a SIGTERM: a pod deleted while it starts then
+        # waits out the whole graceful timeout.  Take it from the start.
+        signal.signal(signal.SIGTERM, self.handle_exit)
+        super().init_process()
 
     def run(self) -> None:
         self.listeners = {id(sock): _Listener(sock.getsockname()) for sock in self.sockets}
