@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -103,12 +104,14 @@ def wrk_run(wrk: str, server: Server, connections: int, seconds: int, fresh: boo
     extra = 'wrk.headers["Connection"] = "close"' if fresh else ""
     script.write_text(LUA.format(body=json.dumps(admission_body(1).decode()), extra=extra))
     cpu0 = server.cpu_seconds()
+    client0 = _children_cpu_seconds()
     out = subprocess.run(
         [wrk, "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "5s", "-s", str(script),
          f"https://127.0.0.1:{server.port}/mutate?timeout=10s"],
         capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
     cpu = server.cpu_seconds() - cpu0
+    client = _children_cpu_seconds() - client0
     line = next(line for line in out.splitlines() if line.startswith("RESULT"))
     requests, duration, p50, p90, p99, errors, non2xx = (float(x) for x in line.split()[1:])
     return {
@@ -119,7 +122,14 @@ def wrk_run(wrk: str, server: Server, connections: int, seconds: int, fresh: boo
         "errors": errors + non2xx,
         "requests": requests,
         "cpu_us": cpu / max(requests, 1) * 1e6,
+        "client_us": client / max(requests, 1) * 1e6,
     }
+
+
+def _children_cpu_seconds() -> float:
+    """CPU used by finished child processes (wrk): the load generator's share of the two cores."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def open_run(server: Server, rate: float, seconds: float, fresh: bool) -> dict[str, float]:
@@ -130,13 +140,20 @@ def open_run(server: Server, rate: float, seconds: float, fresh: bool) -> dict[s
     from_write = [v * 1000 for v in result.from_write]
     return {
         "write_p99": openloop.percentile(from_write, 99),
-        "rate": rate,
-        "sent": result.sent,
+        "rps": result.sent / seconds,
         "p50": openloop.percentile(ms, 50),
         "p90": openloop.percentile(ms, 90),
         "p99": openloop.percentile(ms, 99),
         "errors": result.errors,
     }
+
+
+def row(label: str, r: dict[str, float], note: str = "") -> None:
+    """One line of the table; CPU columns only for closed-loop runs, which measure them."""
+    cpu = f" {r['cpu_us']:>11.0f} {r['client_us']:>11.0f}" if "cpu_us" in r else ""
+    print(
+        f"{label:<34} {r['rps']:>8.0f} {r['p50']:>8.2f} {r['p90']:>8.2f} {r['p99']:>8.2f} {r['errors']:>7.0f}{cpu}{note}"
+    )
 
 
 def main() -> None:
@@ -157,23 +174,19 @@ def main() -> None:
                 print(f"\n## {kind}: RSS at start {rss_start:.0f} MiB")
                 print(
                     f"{'run':<34} {'req/s':>8} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'errors':>7} {'cpu µs/req':>11}"
+                    f" {'wrk µs/req':>11}"
                 )
                 for connections in (1, 8, 32):
-                    r = wrk_run(wrk, server, connections, seconds, False, workdir)
-                    print(f"{f'keep-alive, {connections} connection(s)':<34} {r['rps']:>8.0f} {r['p50']:>8.2f} "
-                          f"{r['p90']:>8.2f} {r['p99']:>8.2f} {r['errors']:>7.0f} {r['cpu_us']:>11.0f}")  # fmt: skip
-                r = wrk_run(wrk, server, 8, seconds, True, workdir)
-                print(f"{'new TLS connection per request':<34} {r['rps']:>8.0f} {r['p50']:>8.2f} {r['p90']:>8.2f} "
-                      f"{r['p99']:>8.2f} {r['errors']:>7.0f} {r['cpu_us']:>11.0f}")  # fmt: skip
+                    row(
+                        f"keep-alive, {connections} connection(s)",
+                        wrk_run(wrk, server, connections, seconds, False, workdir),
+                    )
+                row("new TLS connection per request", wrk_run(wrk, server, 8, seconds, True, workdir))
                 if kind == "webhook":
                     for rate in (1000, 2000, 3000):
                         o = open_run(server, rate, seconds, fresh=False)
-                        print(f"{f'open loop {rate}/s, kept alive':<34} {o['sent'] / seconds:>8.0f} {o['p50']:>8.2f} "
-                              f"{o['p90']:>8.2f} {o['p99']:>8.2f} {o['errors']:>7.0f}"
-                              f"   (p99 from the write: {o['write_p99']:.2f} ms)")  # fmt: skip
-                    o = open_run(server, 1000, min(seconds, 5), fresh=True)
-                    print(f"{'storm 1000/s, fresh connections':<34} {o['sent'] / min(seconds, 5):>8.0f} {o['p50']:>8.2f} "
-                          f"{o['p90']:>8.2f} {o['p99']:>8.2f} {o['errors']:>7.0f}")  # fmt: skip
+                        row(f"open loop {rate}/s, kept alive", o, f"   (p99 from the write: {o['write_p99']:.2f} ms)")
+                    row("storm 1000/s, fresh connections", open_run(server, 1000, min(seconds, 5), fresh=True))
                     if not args.quick:
                         before = server.rss_mib()
                         total = 0.0
