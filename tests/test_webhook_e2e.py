@@ -292,3 +292,30 @@ def test_connection_close_is_honoured(server: RunningServer, apiserver: ApiServe
         while chunk := tls.recv(65536):
             data += chunk
     assert data.startswith(b"HTTP/1.1 200") and b"Connection: close" in data and uid.encode() in data
+
+
+@pytest.mark.parametrize("path", ["lean", "gunicorn"])
+def test_an_idle_connection_stays_open_for_the_next_request(
+    server: RunningServer, apiserver: ApiServerWebhookClient, path: str
+) -> None:
+    """kube-apiserver keeps pooled connections 90 s; gunicorn's default keep-alive (2 s) would close them."""
+    body, uid = _review_body(apiserver)
+    with (
+        socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw,
+        server.tls_context(check_hostname=False).wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        reader = tls.makefile("rb")
+        if path == "gunicorn":  # a first request the lean path hands over: gunicorn keeps the connection
+            tls.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert reader.readline().startswith(b"HTTP/1.1 200")
+            while reader.readline() != b"\r\n":
+                pass
+            reader.read(len(b'{"status":"ok"}'))
+        time.sleep(3)
+        tls.sendall(_post(body))
+        assert reader.readline().startswith(b"HTTP/1.1 200")
+        head = b""
+        while (line := reader.readline()) != b"\r\n":
+            head += line
+        length = int(re.search(rb"Content-Length: (\d+)", head, re.IGNORECASE).group(1))  # type: ignore[union-attr]
+        assert uid.encode() in reader.read(length)
