@@ -39,6 +39,24 @@ def test_server_issues_no_session_tickets(server: RunningServer) -> None:
             assert tls.session is not None and not tls.session.has_ticket
 
 
+def test_first_request_from_a_nagle_client_is_not_held_for_a_delayed_ack(server: RunningServer) -> None:
+    """A client with Nagle on (a plain Python socket) holds its first request until the server acknowledges
+    the handshake's last message; without a session ticket to carry that ACK it came 40 ms late."""
+    body = b'{"kind":"AdmissionReview"}'
+    request = b"POST /mutate HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    latencies = []
+    for _ in range(5):
+        with (
+            socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw,
+            server.tls_context().wrap_socket(raw, server_hostname="localhost") as tls,
+        ):
+            start = time.perf_counter()
+            tls.sendall(request)
+            assert tls.recv(64).startswith(b"HTTP/1.1 400")
+            latencies.append(time.perf_counter() - start)
+    assert sorted(latencies)[2] < 0.02, [f"{x * 1000:.1f} ms" for x in latencies]
+
+
 def test_reloader_keeps_last_good_pair_during_a_torn_rotation(tmp_path: Path) -> None:
     certs.ensure(tmp_path, certs.CertSpec())
     reloader = CertificateReloader(tmp_path / certs.TLS_CERT, tmp_path / certs.TLS_KEY, check_interval=0)

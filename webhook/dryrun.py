@@ -198,6 +198,7 @@ class LiveWebhook:
         if self._conn is None:
             conn = http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout, context=self.context)
             sock = socket.create_connection((self.host, self.port), self.timeout)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as http.client's own connect does
             conn.sock = self.context.wrap_socket(sock, server_hostname=self.server_name)
             self._conn = conn
         return self._conn

@@ -27,6 +27,7 @@ worker doesn't carry the API server's whole pool while the other idles.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
 import ssl
@@ -52,6 +53,7 @@ except ImportError:  # without the C parser every request takes gunicorn's path
     parse_request = None
 
 HANDSHAKE_TIMEOUT_SECONDS = 10.0
+QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)  # Linux only
 MAX_HEAD_BYTES = 16 * 1024
 RECV_BYTES = 64 * 1024
 
@@ -173,6 +175,12 @@ class WebhookWorker(GeventWorker):  # type: ignore[misc]
             self.log.debug("TLS handshake with %s failed: %s", addr, err)
             client.close()
             return
+        # Acknowledge the client's last handshake message now: a client that leaves Nagle on holds its
+        # first request until then, and with no session ticket to carry the ACK, the kernel's delayed
+        # ACK made that 40 ms.
+        if QUICKACK is not None:
+            with contextlib.suppress(OSError):  # gone already: the first read will tell
+                tls.setsockopt(socket.IPPROTO_TCP, QUICKACK, 1)
         # Above keep-alive, so idle connections are closed by it first; bounds a stalled body or reader.
         tls.settimeout(self.cfg.keepalive + 20.0)
         connection: Any = tls
