@@ -3,9 +3,10 @@
 All workers wait on one listening socket and whichever wakes first takes
 the next connection, and a kept-alive connection stays with the worker that
 took it.  When kube-apiserver (or a load test) opens its pool in one burst,
-one worker can end up holding all of it while the other idles: measured,
-8 of 8 connections on one worker, half the throughput and a p99 six times
-longer (bench/RESULTS.md).
+one worker can end up holding most of it while the other idles: measured
+with 8 connections opened together, 20 times, the split was 4/4 only twice,
+and 2/6 or 1/7 five times (with this table: 4/4 in 18-19 of 20, never
+worse than 3/5; tests/test_fairness.py).
 
 So each worker publishes how many connections it holds in a small table of
 shared memory that the master sets up before it forks, and a worker that
