@@ -122,19 +122,27 @@ def test_connections_opened_together_are_spread_over_the_workers(tmp_path: Path)
     try:
         workers = process_tree(server.proc.pid)[1:]
         assert len(workers) == 2
-        time.sleep(1)  # the second worker may still be starting when the first answers /readyz
-        idle = {pid: socket_count(pid) for pid in workers}
-        splits: Counter[tuple[int, ...]] = Counter()
-        for _ in range(10):
+
+        def split() -> tuple[int, ...]:
+            """Open 8 connections together, answer a review on each; how many each worker holds."""
+            idle = {pid: socket_count(pid) for pid in workers}
             conns = [connect(server) for _ in range(8)]
-            for tls in conns:
-                tls.sendall(REQUEST)
-            for tls in conns:
-                assert read_answer(tls).startswith(b"HTTP/1.1 200")
-            splits[tuple(sorted(socket_count(pid) - idle[pid] for pid in workers))] += 1
-            for tls in conns:
-                tls.close()
-            time.sleep(0.3)  # let the workers see the closes
+            try:
+                for tls in conns:
+                    tls.sendall(REQUEST)
+                for tls in conns:
+                    assert read_answer(tls).startswith(b"HTTP/1.1 200")
+                return tuple(sorted(socket_count(pid) - idle[pid] for pid in workers))
+            finally:
+                for tls in conns:
+                    tls.close()
+                time.sleep(0.3)  # let the workers see the closes
+
+        # The second worker may still be starting when the first answers /readyz: wait until it takes its share.
+        deadline = time.monotonic() + 20
+        while split()[0] == 0 and time.monotonic() < deadline:
+            pass
+        splits = Counter(split() for _ in range(10))
         assert set(splits) <= {(4, 4), (3, 5)}, splits
         assert splits[(4, 4)] >= 6, splits
     finally:
