@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 
@@ -64,8 +65,35 @@ class RunningServer:
         context.check_hostname = check_hostname
         return context
 
+    def connect(
+        self, server_hostname: str = "localhost", context: ssl.SSLContext | None = None, timeout: float = 5
+    ) -> ssl.SSLSocket:
+        """A TLS connection to the server, handshake done; trusting its CA unless ``context`` says otherwise."""
+        raw = socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
+        try:
+            return (context or self.tls_context()).wrap_socket(raw, server_hostname=server_hostname)
+        except BaseException:
+            raw.close()
+            raise
+
+    def worker_pids(self) -> list[int]:
+        return sorted(process_tree(self.proc.pid)[1:])
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+
+def read_response(reader: BinaryIO) -> tuple[bytes, bytes]:
+    """(status line and headers, body) of one Content-Length framed HTTP response from ``reader``; the head is
+    empty once the server has closed.  ``reader`` is a socket's ``makefile("rb")``, closed with it: an open one
+    keeps the connection open, and the server then waits for it at shutdown."""
+    head = b""
+    while (line := reader.readline()) not in (b"\r\n", b""):
+        head += line
+    length = next(
+        (int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")), 0
+    )
+    return head, reader.read(length)
 
 
 def start_server(
@@ -97,15 +125,10 @@ def start_server(
     if not wait:
         return server
     deadline = time.monotonic() + 30
-    context = server.tls_context()
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log()}")
-        with (
-            contextlib.suppress(OSError),
-            socket.create_connection(("127.0.0.1", server.port), timeout=2) as raw,
-            context.wrap_socket(raw, server_hostname="localhost") as tls,
-        ):
+        with contextlib.suppress(OSError), server.connect(timeout=2) as tls:
             tls.sendall(b"GET /readyz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
             if tls.recv(64).startswith(b"HTTP/1.1 200"):
                 return server

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import socket
 import ssl
 import time
 from collections.abc import Iterator
@@ -29,10 +28,7 @@ def test_server_issues_no_session_tickets(server: RunningServer) -> None:
     for version in (ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2):
         context = server.tls_context()
         context.minimum_version = context.maximum_version = version
-        with (
-            socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw,
-            context.wrap_socket(raw, server_hostname="localhost") as tls,
-        ):
+        with server.connect(context=context) as tls:
             tls.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
             assert tls.recv(64).startswith(b"HTTP/1.1 200")  # TLS 1.3 tickets arrive before the answer
             assert tls.version() == version.name.replace("v1_", "v1.")
@@ -46,10 +42,7 @@ def test_first_request_from_a_nagle_client_is_not_held_for_a_delayed_ack(server:
     request = b"POST /mutate HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
     latencies = []
     for _ in range(5):
-        with (
-            socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw,
-            server.tls_context().wrap_socket(raw, server_hostname="localhost") as tls,
-        ):
+        with server.connect() as tls:
             start = time.perf_counter()
             tls.sendall(request)
             assert tls.recv(64).startswith(b"HTTP/1.1 400")
@@ -75,10 +68,7 @@ def _served_certificate(server: RunningServer) -> x509.Certificate:
     context = ssl.create_default_context()
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
-    with (
-        socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw,
-        context.wrap_socket(raw, server_hostname="localhost") as tls,
-    ):
+    with server.connect(context=context) as tls:
         der = tls.getpeercert(binary_form=True)
     assert der is not None
     return x509.load_der_x509_certificate(der)
@@ -128,10 +118,7 @@ def test_ensure_is_idempotent_and_renews_near_expiry(tmp_path: Path) -> None:
 def test_every_san_verifies_with_ssl_in_a_real_handshake(server: RunningServer) -> None:
     dns, ips = certs.CertSpec().sans()
     for name in [*dns, *map(str, ips)]:
-        with (
-            socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw,
-            server.tls_context().wrap_socket(raw, server_hostname=name) as tls,
-        ):
+        with server.connect(name) as tls:
             assert tls.version() is not None
 
 

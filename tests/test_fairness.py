@@ -17,8 +17,6 @@ import asyncio
 import contextlib
 import json
 import os
-import socket
-import ssl
 import threading
 import time
 from collections import Counter
@@ -26,7 +24,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from tests.apiserver import ApiServerWebhookClient
-from tests.conftest import RunningServer, process_tree, start_server, stop_server
+from tests.conftest import RunningServer, read_response, start_server, stop_server
 from tests.pods import container, replicaset_pod
 from webhook.balance import DRAINING, FREE, ConnectionTable, crowded
 from webhook.mutate import Settings
@@ -38,25 +36,6 @@ REQUEST = (
     b"POST /mutate?timeout=10s HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
     b"Content-Length: %d\r\n\r\n%s" % (len(BODY), BODY)
 )
-
-
-def connect(server: RunningServer) -> ssl.SSLSocket:
-    raw = socket.create_connection(("127.0.0.1", server.port), timeout=10)
-    return server.tls_context().wrap_socket(raw, server_hostname="localhost")
-
-
-def read_answer(tls: ssl.SSLSocket) -> bytes:
-    """One whole HTTP answer (Content-Length framed) from ``tls``."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        data += tls.recv(65536)
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = int(
-        next(line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")).split(b":")[1]
-    )
-    while len(body) < length:
-        body += tls.recv(65536)
-    return head + b"\r\n\r\n" + body
 
 
 def greedy_client(server: RunningServer, stop: threading.Event, answered: list[int]) -> None:
@@ -93,14 +72,14 @@ def test_a_greedy_client_does_not_starve_a_polite_one(tmp_path: Path) -> None:
             time.sleep(0.01)
         assert answered[0] >= 200, "the greedy client never got going"
         before = answered[0]
-        with connect(server) as tls:
+        with server.connect() as tls, tls.makefile("rb") as reader:
             latencies = []
             for _ in range(30):
                 start = time.perf_counter()
                 tls.sendall(REQUEST)
-                answer = read_answer(tls)
+                head, body = read_response(reader)
                 latencies.append(time.perf_counter() - start)
-                assert answer.startswith(b"HTTP/1.1 200") and b'"patch"' in answer
+                assert head.startswith(b"HTTP/1.1 200") and b'"patch"' in body
         assert answered[0] > before + 30, "the greedy client was not being served alongside (nothing to be fair to)"
         assert max(latencies) < 0.1, f"the polite client waited {max(latencies) * 1000:.0f} ms"
     finally:
@@ -120,18 +99,19 @@ def socket_count(pid: int) -> int:
 def test_connections_opened_together_are_spread_over_the_workers(tmp_path: Path) -> None:
     server = start_server(tmp_path)  # two workers, the default
     try:
-        workers = process_tree(server.proc.pid)[1:]
+        workers = server.worker_pids()
         assert len(workers) == 2
 
         def split() -> tuple[int, ...]:
             """Open 8 connections together, answer a review on each; how many each worker holds."""
             idle = {pid: socket_count(pid) for pid in workers}
-            conns = [connect(server) for _ in range(8)]
+            conns = [server.connect() for _ in range(8)]
             try:
                 for tls in conns:
                     tls.sendall(REQUEST)
                 for tls in conns:
-                    assert read_answer(tls).startswith(b"HTTP/1.1 200")
+                    with tls.makefile("rb") as reader:
+                        assert read_response(reader)[0].startswith(b"HTTP/1.1 200")
                 return tuple(sorted(socket_count(pid) - idle[pid] for pid in workers))
             finally:
                 for tls in conns:

@@ -29,10 +29,6 @@ from webhook import certs
 POD = replicaset_pod([container("redis", "")], {"nix-snapshotter/flake": "github:user/redis"})
 
 
-def worker_pids(server: RunningServer) -> list[int]:
-    return sorted(process_tree(server.proc.pid)[1:])
-
-
 @pytest.fixture
 def own_server(tmp_path: Path) -> Iterator[RunningServer]:
     running = start_server(tmp_path)
@@ -79,11 +75,11 @@ def hammer(server: RunningServer, requests: int, threads: int) -> list[str]:
 def test_soak_20000_admissions(own_server: RunningServer) -> None:
     assert hammer(own_server, 2000, 4) == []  # warm up: imports, caches, buffers
     before = rss_mib(process_tree(own_server.proc.pid))
-    workers = worker_pids(own_server)
+    workers = own_server.worker_pids()
     assert hammer(own_server, 20000, 4) == []
     after = rss_mib(process_tree(own_server.proc.pid))
     assert after < before * 1.10, f"RSS grew from {before:.1f} to {after:.1f} MiB"
-    assert worker_pids(own_server) == workers  # no worker died or was recycled
+    assert own_server.worker_pids() == workers  # no worker died or was recycled
 
 
 def _timed_get(server: RunningServer, path: str) -> float:
@@ -105,11 +101,11 @@ def test_slow_and_idle_clients_do_not_delay_others(own_server: RunningServer) ->
             f"POST /mutate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
         ).encode() + body[: len(body) // 2]
         for _ in range(50):  # send half a request, then stall
-            tls = context.wrap_socket(socket.create_connection(("127.0.0.1", own_server.port), 5))
+            tls = own_server.connect()
             tls.sendall(half)
             held.append(tls)
         for _ in range(25):  # finish the handshake, then idle
-            held.append(context.wrap_socket(socket.create_connection(("127.0.0.1", own_server.port), 5)))
+            held.append(own_server.connect())
         for _ in range(25):  # never even start TLS
             held.append(socket.create_connection(("127.0.0.1", own_server.port), 5))
         conn = http.client.HTTPSConnection("127.0.0.1", own_server.port, context=context, timeout=5)
@@ -233,17 +229,12 @@ def test_certificate_rotation_under_load(own_server: RunningServer) -> None:
         for thread in threads:
             thread.join(30)
     assert failures == [], failures[:5]
-    context = ssl.create_default_context(cafile=str(own_server.certs_dir / certs.CA_CERT))
-    with (
-        socket.create_connection(("127.0.0.1", own_server.port), 5) as raw,
-        context.wrap_socket(raw, server_hostname="rotation-2.example.com") as tls,
-    ):
+    with own_server.connect("rotation-2.example.com") as tls:
         assert tls.version() is not None  # new connections present the newest certificate
 
 
 def test_garbage_kills_no_worker(own_server: RunningServer) -> None:
-    workers = worker_pids(own_server)
-    context = own_server.tls_context(check_hostname=False)
+    workers = own_server.worker_pids()
     payloads = [
         b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
         b'POST /mutate HTTP/1.1\r\nContent-Length: 5\r\n\r\n{"a"',
@@ -257,8 +248,7 @@ def test_garbage_kills_no_worker(own_server: RunningServer) -> None:
     ]
     for payload in payloads:
         with contextlib.suppress(OSError):
-            tls = context.wrap_socket(socket.create_connection(("127.0.0.1", own_server.port), 5))
-            tls.settimeout(5)
+            tls = own_server.connect()
             tls.sendall(payload)
             reply = tls.recv(200)
             assert not reply.startswith(b"HTTP/1.1 5"), (payload[:40], reply)
@@ -269,4 +259,4 @@ def test_garbage_kills_no_worker(own_server: RunningServer) -> None:
     client = own_server.client()
     assert client.admit(POD).patched
     client.close()
-    assert worker_pids(own_server) == workers
+    assert own_server.worker_pids() == workers

@@ -7,7 +7,6 @@ import contextlib
 import http.client
 import json
 import re
-import socket
 import ssl
 import time
 from typing import Any
@@ -15,7 +14,7 @@ from typing import Any
 import pytest
 
 from tests.apiserver import ApiServerWebhookClient, WebhookCallFailed
-from tests.conftest import RunningServer
+from tests.conftest import RunningServer, read_response
 from tests.node_decoders import NODES, kubelet_accepts
 from tests.pods import container, replicaset_pod
 from webhook.imageref import parse_image
@@ -164,20 +163,15 @@ def test_get_on_mutate_is_a_json_405(server: RunningServer) -> None:
     assert response.status == 405 and json.loads(response.read())["code"] == 405
 
 
-def _handshake(server: RunningServer, sni: str, context: ssl.SSLContext | None = None) -> ssl.SSLSocket:
-    raw = socket.create_connection(("127.0.0.1", server.port), timeout=5)
-    return (context or server.tls_context()).wrap_socket(raw, server_hostname=sni)
-
-
 def test_tls_names_and_versions(server: RunningServer) -> None:
-    with _handshake(server, "nix-flake-webhook.nix-flake-webhook.svc") as tls:
+    with server.connect("nix-flake-webhook.nix-flake-webhook.svc") as tls:
         assert tls.version() in ("TLSv1.2", "TLSv1.3")
         assert tls.selected_alpn_protocol() in (None, "http/1.1")
     with pytest.raises(ssl.SSLCertVerificationError):
-        _handshake(server, "evil.example.com")
+        server.connect("evil.example.com")
     tls12 = server.tls_context()
     tls12.maximum_version = ssl.TLSVersion.TLSv1_2
-    with _handshake(server, "localhost", tls12) as tls:
+    with server.connect(context=tls12) as tls:
         assert tls.version() == "TLSv1.2"
 
 
@@ -224,27 +218,9 @@ def test_failed_call_is_reported_as_such(server: RunningServer) -> None:
 
 def _raw_exchange(server: RunningServer, payload: bytes, responses: int) -> list[bytes]:
     """Write ``payload`` on one TLS connection and read ``responses`` HTTP responses back."""
-    with (
-        socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw,
-        server.tls_context(check_hostname=False).wrap_socket(raw, server_hostname="localhost") as tls,
-    ):
+    with server.connect() as tls, tls.makefile("rb") as reader:
         tls.sendall(payload)
-        reader = tls.makefile("rb")
-        answers = []
-        for _ in range(responses):
-            status, body = _read_response(reader)
-            answers.append(status + body)
-        return answers
-
-
-def _read_response(reader: Any) -> tuple[bytes, bytes]:
-    """(status line, body) of one Content-Length framed response."""
-    status = reader.readline()
-    length = 0
-    while (line := reader.readline()) not in (b"\r\n", b""):
-        if line.lower().startswith(b"content-length:"):
-            length = int(line.split(b":")[1])
-    return status, reader.read(length)
+        return [b"".join(read_response(reader)) for _ in range(responses)]
 
 
 def _post(body: bytes, extra: bytes = b"") -> bytes:
@@ -290,10 +266,7 @@ def test_chunked_and_http10_requests_are_answered(server: RunningServer, apiserv
 
 def test_connection_close_is_honoured(server: RunningServer, apiserver: ApiServerWebhookClient) -> None:
     body, uid = _review_body(apiserver)
-    with (
-        socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw,
-        server.tls_context(check_hostname=False).wrap_socket(raw, server_hostname="localhost") as tls,
-    ):
+    with server.connect() as tls:
         tls.sendall(_post(body, b"Connection: close\r\n"))
         data = b""
         while chunk := tls.recv(65536):
@@ -312,14 +285,13 @@ def test_idle_connections_stay_open_for_the_next_request(
     with contextlib.ExitStack() as stack:
         readers = []
         for _ in range(2):
-            raw = stack.enter_context(socket.create_connection(("127.0.0.1", server.port), timeout=10))
-            tls = stack.enter_context(server.tls_context(check_hostname=False).wrap_socket(raw, server_hostname="x"))
-            readers.append((tls, tls.makefile("rb")))
+            tls = stack.enter_context(server.connect(timeout=10))
+            readers.append((tls, stack.enter_context(tls.makefile("rb"))))
         handed_over, handed_reader = readers[1]
         handed_over.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-        _read_response(handed_reader)
+        read_response(handed_reader)
         time.sleep(3)
         for tls, reader in readers:
             tls.sendall(_post(body))
-            status, answer = _read_response(reader)
+            status, answer = read_response(reader)
             assert status.startswith(b"HTTP/1.1 200") and uid.encode() in answer

@@ -5,8 +5,6 @@ from __future__ import annotations
 import base64
 import copy
 import json
-import socket
-import ssl
 from typing import Any
 
 import jsonpatch
@@ -14,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.apiserver import ApiServerWebhookClient
-from tests.conftest import RunningServer
+from tests.conftest import RunningServer, read_response
 from tests.pods import container, replicaset_pod
 from webhook.admission import review
 from webhook.mutate import Settings
@@ -125,25 +123,6 @@ def test_live_server_never_breaks(server: RunningServer, body: bytes) -> None:
     assert server.proc.poll() is None
 
 
-def _read_response(tls: ssl.SSLSocket) -> bytes:
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = tls.recv(65536)
-        if not chunk:
-            return data
-        data += chunk
-    head, _, rest = data.partition(b"\r\n\r\n")
-    length = next(
-        (int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")), 0
-    )
-    while len(rest) < length:
-        chunk = tls.recv(65536)
-        if not chunk:
-            break
-        rest += chunk
-    return head
-
-
 @st.composite
 def http_requests(draw: st.DrawFn) -> bytes:
     """Complete, well-framed HTTP/1.x requests of every shape the worker may meet."""
@@ -180,11 +159,10 @@ def http_requests(draw: st.DrawFn) -> bytes:
 @given(st.lists(http_requests(), min_size=1, max_size=3))
 def test_any_well_framed_request_gets_a_non_5xx_answer(server: RunningServer, requests: list[bytes]) -> None:
     """Through the worker's lean path and its hand-over to gunicorn, on one connection."""
-    context = server.tls_context(check_hostname=False)
-    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw, context.wrap_socket(raw) as tls:
+    with server.connect() as tls, tls.makefile("rb") as reader:
         for request in requests:
             tls.sendall(request)
-            head = _read_response(tls)
+            head, _ = read_response(reader)
             if not head:
                 break  # the server closed (a framing error it answered before, or Connection: close)
             status = head.split(b" ", 2)[1]
